@@ -1,0 +1,191 @@
+"""One injection mechanism for every adapter type: target matching, ``AdaptedSite`` wrappers, attach/delete/merge.
+
+Placement uses forward hooks and pre-hooks on timm's own modules, so timm's module names and state-dict keys stay
+unchanged and no timm code is copied. Each site holds an ``nn.ModuleDict`` of named adapters and combines them
+according to its :class:`~cl.mixture.Route`. All checks run before the model is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from cl.adapters.base import Adapter, AdapterConfig, AdapterSpec
+from cl.adapters.bottleneck import can_stack, stacked_bottleneck
+from cl.mixture import Route, mix
+from cl.registries import ADAPTERS
+
+__all__ = ["AdaptedSite", "match_targets", "site_key", "adapter_name"]
+
+
+def adapter_name(task_id: int, expert: int | None = None) -> str:
+    """Fixed-width adapter names: ``t003`` or ``t003_e1``."""
+    return f"t{task_id:03d}" + (f"_e{expert}" if expert is not None else "")
+
+
+def site_key(target: str) -> str:
+    return target.replace(".", "_")
+
+
+def _name_matches(name: str, targets: tuple[str, ...] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def match_targets(backbone: nn.Module, spec: AdapterSpec, cfg: AdapterConfig) -> list[tuple[str, int, int]]:
+    """Resolve ``(target module path, in_features, out_features)`` for an adapter type and config.
+
+    Raises ``ValueError`` naming the blocks and targets available when nothing (or an invalid block) matches.
+    """
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(backbone).__name__} has no .blocks; adapters need a timm ViT")
+    n = len(blocks)
+    chosen = list(range(n)) if cfg.blocks is None else list(cfg.blocks)
+    bad = [b for b in chosen if not 0 <= b < n]
+    if bad:
+        raise ValueError(f"blocks {bad} out of range; the backbone has blocks 0..{n - 1}")
+    found: list[tuple[str, int, int]] = []
+    placement = spec.adapter_cls.placement
+    for b in chosen:
+        block = blocks[b]
+        if placement == "parallel_mlp":
+            if not all(hasattr(block, m) for m in ("norm2", "mlp")):
+                raise ValueError(f"block {b} ({type(block).__name__}) has no norm2/mlp for a parallel_mlp adapter")
+            dim = int(block.norm2.normalized_shape[0]) if hasattr(block.norm2, "normalized_shape") else None
+            if dim is None:
+                raise ValueError(f"cannot infer the width of block {b}")
+            found.append((f"blocks.{b}", dim, dim))
+        else:
+            targets = cfg.targets
+            if targets is None:
+                raise ValueError(f"{spec.name} adapters need targets (e.g. {('attn.qkv', 'mlp.fc1')})")
+            for name, mod in block.named_modules():
+                if name and _name_matches(name, targets):
+                    if not isinstance(mod, nn.Linear):
+                        raise ValueError(f"target blocks.{b}.{name} is {type(mod).__name__}, not nn.Linear")
+                    found.append((f"blocks.{b}.{name}", mod.in_features, mod.out_features))
+    if not found:
+        linears = sorted({n for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"targets {cfg.targets!r} matched nothing; linear modules in a block: {', '.join(linears)}")
+    return found
+
+
+class AdaptedSite(nn.Module):
+    """The wrapper of one adaptation site: named adapters, an optional router, and the current route.
+
+    The site is not inserted into timm's module tree; hooks on timm's modules call :meth:`delta`.
+    """
+
+    def __init__(self, target: str, placement: str, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.target = target
+        self.placement = placement
+        self.in_features = in_features
+        self.out_features = out_features
+        self.adapters = nn.ModuleDict()
+        self.router: nn.Module | None = None
+        self.route: Route = Route.sum()
+        self._captured: Tensor | None = None
+        self._handles: list = []
+
+    def add(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists at {self.target}")
+        self.adapters[name] = adapter
+
+    def names(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    def delta(self, x: Tensor) -> Tensor | None:
+        """The combined adapter output for input ``x`` under the current route (``None`` = nothing to add)."""
+        route = self.route
+        if route.kind == "off" or not len(self.adapters):
+            return None
+        names = list(route.names) or self.names()
+        if route.kind == "select":  # a site without that adapter adds nothing
+            return self.adapters[names[0]](x) if names[0] in self.adapters else None
+        if route.kind == "sum":
+            out = None
+            for n in (n for n in names if n in self.adapters):
+                d = self.adapters[n](x)
+                out = d if out is None else out + d
+            return out
+        if route.kind == "per_sample":
+            if route.index is None or route.index.shape[0] != x.shape[0]:
+                raise ValueError(f"per_sample route at {self.target} needs an index of length {x.shape[0]}")
+            out = x.new_zeros(x.shape[:-1] + (self.out_features,))
+            for k, n in enumerate(names):
+                sel = (route.index == k).nonzero(as_tuple=True)[0]
+                if sel.numel():
+                    out.index_copy_(0, sel, self.adapters[n](x.index_select(0, sel)).to(out.dtype))
+            return out
+        if route.kind == "soft":
+            weights = route.weights
+            if weights is None:
+                if self.router is None:
+                    raise ValueError(f"soft route at {self.target} needs weights or a router")
+                weights = torch.softmax(self.router(x).float(), dim=-1)
+            mods = [self.adapters[n] for n in names]
+            if weights.shape[-1] != len(mods):
+                raise ValueError(f"{self.target}: {weights.shape[-1]} routing weights for {len(mods)} adapters")
+            outs = stacked_bottleneck(mods, x) if can_stack(mods, self.training) else torch.stack([m(x) for m in mods])
+            return mix(outs, weights)
+        raise ValueError(f"unknown route kind {route.kind!r}")
+
+    # --- hooks -------------------------------------------------------------------------------------------------
+    def install(self, backbone: nn.Module) -> None:
+        if self._handles:
+            return
+        if self.placement == "parallel_mlp":
+            block = backbone.get_submodule(self.target)
+            out_mod = block.ls2 if hasattr(block, "ls2") else block.mlp
+            self._handles.append(block.norm2.register_forward_pre_hook(self._capture))
+            self._handles.append(out_mod.register_forward_hook(self._add_captured))
+        else:
+            self._handles.append(backbone.get_submodule(self.target).register_forward_hook(self._add_own))
+
+    def uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _capture(self, _mod: nn.Module, args: tuple) -> None:
+        self._captured = args[0]
+
+    def _add_captured(self, _mod: nn.Module, _args: tuple, out: Tensor) -> Tensor:
+        h, self._captured = self._captured, None
+        if h is None:
+            return out
+        d = self.delta(h)
+        return out if d is None else out + d.to(out.dtype)
+
+    def _add_own(self, _mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        d = self.delta(args[0])
+        return out if d is None else out + d.to(out.dtype)
+
+
+def build_adapters(
+    backbone: nn.Module, type_name: str, cfg: AdapterConfig
+) -> tuple[AdapterSpec, list[tuple[str, int, int]]]:
+    """Checks before mutation: resolve the type and the targets (raises without touching the model)."""
+    spec: AdapterSpec = ADAPTERS.get(type_name)
+    if not isinstance(cfg, spec.config_cls):
+        raise TypeError(f"{type_name} adapters need a {spec.config_cls.__name__}, got {type(cfg).__name__}")
+    return spec, match_targets(backbone, spec, cfg)
+
+
+def block_of(target: str) -> int:
+    return int(target.split(".")[1])
+
+
+def unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for p in m.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())

@@ -1,0 +1,124 @@
+"""The ``clsim`` command line: ``run``, ``sweep``, ``list``, ``report``.
+
+Errors in configs, names, data and weights print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("clsim")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from cl.backbone import BackboneError
+    from cl.config import ConfigError
+    from cl.registry import RegistryError
+    from streams.base import MissingDatasetError
+
+    return ConfigError, RegistryError, MissingDatasetError, BackboneError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cl.config import load_config
+    from cl.loop import run, run_dir_of
+
+    cfg = load_config(args.config, args.set)
+    result = run(cfg, resume=args.resume)
+    m = result["metrics"]
+    print(f"{cfg.strategy.name}: A_last {m['a_last']:.2f}  A_avg {m['a_avg']:.2f}  forgetting "
+          f"{(m['forgetting'] or 0):.2f}  -> {run_dir_of(cfg)}/result.json")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Run one config once per strategy, then write a comparison report."""
+    from cl.config import load_config
+    from cl.loop import run, run_dir_of
+    from cl.registries import STRATEGIES
+    from evaluation.report import make_report
+
+    names = args.strategies.split(",") if args.strategies else STRATEGIES.names()
+    for n in names:
+        STRATEGIES.get(n)
+    run_dirs = []
+    for i, name in enumerate(names):
+        cfg = load_config(args.config, [*args.set, f"strategy.name={name}",
+                                        f"experiment={Path(args.config).stem}_{name}"])
+        print(f"[{i + 1}/{len(names)}] {name}", flush=True)
+        done = (run_dir_of(cfg) / "result.json").exists() and args.skip_done
+        result = None if done else run(cfg, resume=args.resume)
+        if result is not None:
+            m = result["metrics"]
+            print(f"    A_last {m['a_last']:.2f}  A_avg {m['a_avg']:.2f}  forgetting {(m['forgetting'] or 0):.2f}  "
+                  f"({result['timing']['total_s']:.0f} s)", flush=True)
+        run_dirs.append(run_dir_of(cfg))
+    report = make_report(run_dirs, Path(args.report))
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_list(_args: argparse.Namespace) -> int:
+    from cl.registries import ADAPTERS, INDEXES, METRICS, STRATEGIES, STREAMS
+
+    for title, reg in (("strategies", STRATEGIES), ("streams", STREAMS), ("adapter types", ADAPTERS),
+                       ("index backends", INDEXES), ("metrics", METRICS)):
+        print(f"{title}: {', '.join(reg.names())}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.report import make_report
+
+    path = make_report([Path(p) for p in args.run_dirs], Path(args.out))
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clsim", description="Continual-learning simulation on frozen ViTs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run one experiment config")
+    r.add_argument("config")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.01")
+    r.add_argument("--resume", action="store_true", help="continue from the last task-boundary checkpoint")
+    r.set_defaults(fn=_cmd_run)
+    s = sub.add_parser("sweep", help="run a config once per strategy and write a comparison report")
+    s.add_argument("config")
+    s.add_argument("--strategies", default="", help="comma-separated names (default: every registered strategy)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--report", default="reports/sweep", help="report folder")
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("--skip-done", action="store_true", help="reuse runs that already have a result.json")
+    s.set_defaults(fn=_cmd_sweep)
+    ls = sub.add_parser("list", help="list registered strategies, streams, adapters, index backends, metrics")
+    ls.set_defaults(fn=_cmd_list)
+    rep = sub.add_parser("report", help="comparison report over run folders")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", required=True)
+    rep.set_defaults(fn=_cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cl.plugins import load_builtin
+
+    load_builtin()
+    try:
+        return args.fn(args)
+    except _user_errors() as err:
+        print(f"clsim: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""``CLModel``: a frozen timm ViT plus adapter sites, heads and strategy modules, with routing and structure I/O."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cl.adapters.base import AdapterConfig, adapter_from_spec
+from cl.adapters.inject import AdaptedSite, block_of, build_adapters, site_key, unique_params
+from cl.backbone import DataSpec
+from cl.heads import head_from_spec
+from cl.mixture import ExpandableRouter, Route
+
+__all__ = ["CLModel"]
+
+
+class CLModel(nn.Module):
+    """Frozen backbone + ``sites`` (adapters, routers) + ``heads`` + ``extras`` (strategy-owned modules).
+
+    Inputs may be uint8 images ``(B, 3, S, S)`` (normalised here, on the device) or float tensors already in [0, 1].
+    The backbone stays in eval mode and ``requires_grad=False`` whatever ``train()`` is called with.
+    """
+
+    def __init__(self, backbone: nn.Module, spec: DataSpec) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.sites = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        self.extras = nn.ModuleDict()
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    # --- modes --------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> CLModel:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # --- forward ------------------------------------------------------------------------------------------------
+    def preprocess(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Image -> tokens entering block 0 ``(B, N, d)`` (timm's own patch/pos embedding)."""
+        bb = self.backbone
+        t = bb.patch_embed(self.preprocess(x))
+        t = bb._pos_embed(t)
+        t = bb.patch_drop(t)
+        return bb.norm_pre(t)
+
+    def run_blocks(self, tokens: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        for blk in self.backbone.blocks[start:stop]:
+            tokens = blk(tokens)
+        return tokens
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """Final norm + timm's pooling (``pre_logits``): the feature vector ``(B, num_features)``."""
+        return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.pool(self.run_blocks(self.embed(x)))
+
+    def forward(self, x: Tensor, head: str = "main") -> Tensor:
+        return self.heads[head](self.features(x))
+
+    # --- adapters -----------------------------------------------------------------------------------------------
+    def attach(self, type_name: str, cfg: AdapterConfig, name: str) -> list[str]:
+        """Add adapter ``name`` of ``type_name`` at every site ``cfg`` targets; returns the site keys.
+
+        Every check (type, targets, shapes, name clashes) runs before anything is added. New adapters start frozen.
+        """
+        spec, targets = build_adapters(self.backbone, type_name, cfg)
+        keys = [site_key(t) for t, _, _ in targets]
+        clash = [k for k in keys if k in self.sites and name in self.sites[k].adapters]
+        if clash:
+            raise ValueError(f"adapter {name!r} already exists at {', '.join(clash)}")
+        device = self.mean.device
+        for (target, fin, fout), key in zip(targets, keys, strict=True):
+            if key not in self.sites:
+                site = AdaptedSite(target, spec.adapter_cls.placement, fin, fout)
+                site.install(self.backbone)
+                self.sites[key] = site
+            adapter = spec.adapter_cls(fin, fout, cfg).to(device)
+            adapter.requires_grad_(False)
+            self.sites[key].add(name, adapter)
+        return keys
+
+    def delete(self, name: str) -> None:
+        """Remove adapter ``name`` everywhere (sites left empty are uninstalled)."""
+        found = False
+        for key in list(self.sites):
+            site = self.sites[key]
+            if name in site.adapters:
+                del site.adapters[name]
+                found = True
+            if not len(site.adapters):
+                site.uninstall()
+                del self.sites[key]
+        if not found:
+            raise KeyError(f"no adapter named {name!r}")
+
+    def adapters(self, name: str | None = None, sites: list[str] | None = None) -> list[nn.Module]:
+        """Adapter modules (of one name, or all) at the given sites (or all)."""
+        out = []
+        for key, site in self.sites.items():
+            if sites is not None and key not in sites:
+                continue
+            out += [a for n, a in site.adapters.items() if name is None or n == name]
+        return out
+
+    def adapter_parameters(self, name: str | None = None, sites: list[str] | None = None) -> list[nn.Parameter]:
+        return unique_params(self.adapters(name, sites))
+
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for site in self.sites.values():
+            names.update(dict.fromkeys(site.adapters))
+        return list(names)
+
+    def set_route(self, route: Route | Mapping[str, Route]) -> None:
+        """Set the persistent route of all sites (a :class:`Route`) or of some (``{site_key: Route}``)."""
+        items = route.items() if isinstance(route, Mapping) else ((k, route) for k in self.sites)
+        for key, r in items:
+            self.sites[key].route = r
+
+    @contextlib.contextmanager
+    def routing(self, route: Route | Mapping[str, Route]) -> Iterator[None]:
+        """Temporarily route sites (restored on exit)."""
+        saved = {k: s.route for k, s in self.sites.items()}
+        self.set_route(route)
+        try:
+            yield
+        finally:
+            for k, r in saved.items():
+                if k in self.sites:
+                    self.sites[k].route = r
+
+    def adapters_per_block(self) -> list[int]:
+        """K per block: distinct adapter names present at any site of the block (a LoRA set counts once)."""
+        per: list[set[str]] = [set() for _ in range(len(self.backbone.blocks))]
+        for site in self.sites.values():
+            per[block_of(site.target)].update(site.adapters.keys())
+        return [len(s) for s in per]
+
+    def deployed_params(self) -> int:
+        """Parameters of every adapter and router (inference-time growth; heads excluded)."""
+        return sum(p.numel() for p in unique_params(self.sites.values()))
+
+    # --- structure (checkpoint resume) ----------------------------------------------------------------------------
+    def structure(self) -> dict[str, Any]:
+        sites = {}
+        for key, site in self.sites.items():
+            sites[key] = {
+                "target": site.target,
+                "adapters": {n: {"type": a.type_name, "config": a.cfg.to_dict()} for n, a in site.adapters.items()},
+                "router": None
+                if site.router is None
+                else {
+                    "type": "expandable",
+                    "columns": site.router.weight.shape[0],
+                    "pending": len(site.router.pending),
+                },
+            }
+        return {"sites": sites, "heads": {k: h.spec() for k, h in self.heads.items()}}
+
+    def load_structure(self, structure: dict[str, Any]) -> None:
+        """Recreate sites, adapters, routers and heads of ``structure`` (values are loaded afterwards)."""
+        device = self.mean.device
+        for key, s in structure["sites"].items():
+            for name, a in s["adapters"].items():
+                if key in self.sites and name in self.sites[key].adapters:
+                    continue
+                block = self.backbone.get_submodule(s["target"])
+                if key not in self.sites:
+                    cfg_probe = adapter_from_spec(a["type"], a["config"], 1, 1)
+                    if cfg_probe.placement == "parallel_mlp":
+                        fin = fout = int(block.norm2.normalized_shape[0])
+                    else:
+                        fin, fout = block.in_features, block.out_features
+                    site = AdaptedSite(s["target"], cfg_probe.placement, fin, fout)
+                    site.install(self.backbone)
+                    self.sites[key] = site
+                site = self.sites[key]
+                site.add(
+                    name, adapter_from_spec(a["type"], a["config"], site.in_features, site.out_features).to(device)
+                )
+            if s.get("router"):
+                self.sites[key].router = ExpandableRouter(
+                    self.sites[key].in_features, s["router"]["columns"], s["router"].get("pending", 0)
+                ).to(device)
+        for key, spec in structure["heads"].items():
+            self.heads[key] = head_from_spec(spec).to(device)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Everything except the frozen backbone (sites, heads, extras)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def assert_backbone_frozen(self) -> None:
+        bad = [n for n, p in self.backbone.named_parameters() if p.requires_grad]
+        if bad:
+            raise RuntimeError(f"backbone parameters became trainable: {bad[:3]}")

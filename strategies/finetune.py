@@ -1,0 +1,53 @@
+"""``finetune``: one adapter set and a growing linear head trained sequentially on each task.
+
+The forgetting lower bound of adapter-based class-incremental learning ("FT Adapter" in SEMA's Table 1): no replay,
+no regulariser, no expansion. By default the loss is CE over all seen classes (old-class logits are pushed down,
+as in plain sequential fine-tuning); ``mask_old: true`` masks old classes as the PILOT-family methods do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from cl.adapters import adapter_name
+from cl.heads import IncrementalLinear
+from cl.mixture import Route
+from cl.model import CLModel
+from cl.strategy import Strategy, masked_cross_entropy, register_strategy
+from cl.types import Batch, Phase, StepOutput, Stream, Task
+from strategies._common import AdapterStrategyConfig, attach_set
+
+__all__ = ["FinetuneConfig", "FinetuneStrategy"]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(AdapterStrategyConfig):
+    """Attributes: mask_old (mask old-class logits in the CE); the adapter fields of AdapterStrategyConfig."""
+
+    name: str = "finetune"
+    mask_old: bool = False
+
+
+@register_strategy("finetune")
+class FinetuneStrategy(Strategy):
+    config_cls = FinetuneConfig
+    cfg: FinetuneConfig
+
+    def setup(self, model: CLModel, stream: Stream) -> None:
+        super().setup(model, stream)
+        attach_set(model, self.cfg, adapter_name(0))
+        model.set_route(Route.select(adapter_name(0)))
+        model.heads["main"] = IncrementalLinear(model.spec.num_features).to(self.ctx.device)
+
+    def before_task(self, model: CLModel, task: Task) -> None:
+        model.heads["main"].grow(task.num_classes)
+
+    def phases(self, model: CLModel, task: Task) -> Iterator[Phase]:
+        params = model.adapter_parameters() + list(model.heads["main"].parameters())
+        yield Phase("adapters", params, self.cfg.epochs or self.ctx.train.epochs, lr=self.cfg.lr)
+
+    def loss(self, model: CLModel, batch: Batch, phase: Phase) -> StepOutput:
+        task = self.ctx.task
+        old = task.label_offset if self.cfg.mask_old else 0
+        return StepOutput(masked_cross_entropy(model(batch.x), batch.y, self.ctx.num_seen, old))
