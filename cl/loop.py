@@ -33,7 +33,7 @@ from cl.runlog import JsonlLog, atomic_write_json
 from cl.strategy import Strategy
 from cl.types import Batch, Phase, Prediction, Stream, Task
 
-__all__ = ["RunContext", "run", "run_dir_of", "build_model_and_stream", "resolve_device"]
+__all__ = ["RunContext", "Session", "run", "run_dir_of", "build_model_and_stream", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,46 @@ def _rng_scope(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+class Session:
+    """A model, a stream and a strategy wired to a :class:`RunContext`: what ``run`` drives task by task.
+
+    Other drivers (the Avalanche bridge) reuse :meth:`train_task` and :meth:`evaluate`, so no method is implemented
+    twice.
+    """
+
+    def __init__(self, model: CLModel, stream: Stream, strategy: Strategy, ctx: RunContext) -> None:
+        self.model, self.stream, self.strategy, self.ctx = model, stream, strategy, ctx
+
+    @classmethod
+    def create(cls, cfg: ExperimentConfig, jlog: JsonlLog | None = None, stream: Stream | None = None) -> Session:
+        """Build backbone, stream (unless given), model and strategy; call ``strategy.setup``."""
+        device = resolve_device(cfg.train.device)
+        ctx = RunContext(cfg.train, device, cfg.seed, jlog or JsonlLog(None))
+        if stream is None:
+            model, stream = build_model_and_stream(cfg, device)
+        else:
+            backbone, spec = create_backbone(cfg.backbone)
+            model = CLModel(backbone, spec).to(device)
+        ctx.stream = stream
+        strategy: Strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, ctx)
+        strategy.setup(model, stream)
+        return cls(model, stream, strategy, ctx)
+
+    def train_task(self, task: Task) -> int:
+        """``before_task`` -> every phase -> ``after_task``; returns the number of parameters trained."""
+        self.ctx.task = task
+        trained: dict[int, int] = {}
+        self.strategy.before_task(self.model, task)
+        for phase in self.strategy.phases(self.model, task):
+            _run_phase(self.model, self.strategy, phase, self.ctx, trained)
+        self.strategy.after_task(self.model, task)
+        self.model.assert_backbone_frozen()
+        return sum(trained.values())
+
+    def evaluate(self, upto: int, future: bool = False) -> dict[str, Any]:
+        return _evaluate(self.model, self.strategy, self.stream, upto, self.ctx, future)
+
+
 def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[..., Any] | None = None,
         figures: Callable[[dict, Path], Any] | None = None) -> dict[str, Any]:
     """Run one experiment end to end and return the result dict (also written to ``result.json``).
@@ -289,44 +329,34 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
 
         s, f = default_finalizers()
         summarize, figures = summarize or s, figures or f
-    device = resolve_device(cfg.train.device)
     run_dir = run_dir_of(cfg)
     cfg_dict = config_to_dict(cfg)
+    cfg_hash = _config_hash(cfg_dict)
     ckpt_dir = run_dir / "checkpoint"
-    if not resume and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", {**cfg_dict, "versions": _versions(),
-                                                "config_hash": _config_hash(cfg_dict)})
+    if not resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    atomic_write_json(run_dir / "config.json", {**cfg_dict, "versions": _versions(), "config_hash": cfg_hash})
     jlog = JsonlLog(run_dir / "metrics.jsonl", seed=cfg.seed, strategy=cfg.strategy.name)
-    ctx = RunContext(cfg.train, device, cfg.seed, jlog)
     t_start = time.time()
-    with _rng_scope(cfg.seed, device):
-        model, stream = build_model_and_stream(cfg, device)
-        ctx.stream = stream
-        strategy: Strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, ctx)
-        strategy.setup(model, stream)
+    with _rng_scope(cfg.seed, resolve_device(cfg.train.device)):
+        sess = Session.create(cfg, jlog)
+        model, stream, strategy, ctx = sess.model, sess.stream, sess.strategy, sess.ctx
         state: dict[str, Any] = {"R": [], "tra": [], "tra_initial": [], "acc_given_correct_task": [],
                                  "K": [], "trainable": [], "deployed": [], "reference": [], "expandable": None,
                                  "per_task_s": [], "events": []}
         start_task = 0
         if resume and (ckpt_dir / "state.json").exists():
-            start_task = _load_checkpoint(ckpt_dir, model, strategy, state, _config_hash(cfg_dict))
+            start_task = _load_checkpoint(ckpt_dir, model, strategy, state, cfg_hash)
             ctx.events = state["events"]
             log.info("resumed %s after task %d", run_dir, start_task - 1)
             jlog.write("resume", from_task=start_task)
-        jlog.write("start", experiment=cfg.experiment, tasks=len(stream), device=str(device))
+        jlog.write("start", experiment=cfg.experiment, tasks=len(stream), device=str(ctx.device))
         for task in stream.tasks[start_task:]:
             torch.manual_seed(_seed_of(cfg.seed, "task", task.task_id))
-            ctx.task = task
             t0 = time.time()
-            trained: dict[int, int] = {}
-            strategy.before_task(model, task)
-            for phase in strategy.phases(model, task):
-                _run_phase(model, strategy, phase, ctx, trained)
-            strategy.after_task(model, task)
-            model.assert_backbone_frozen()
-            ev = _evaluate(model, strategy, stream, task.task_id, ctx, cfg.eval.future_tasks)
+            n_trained = sess.train_task(task)
+            ev = sess.evaluate(task.task_id, cfg.eval.future_tasks)
             info = strategy.expansion_info(model)
             state["R"].append(ev["row"])
             if "tra_row" in ev:
@@ -335,7 +365,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
             if "tra_initial_row" in ev:
                 state["tra_initial"].append(ev["tra_initial_row"])
             state["K"].append(model.adapters_per_block())
-            state["trainable"].append(sum(trained.values()))
+            state["trainable"].append(n_trained)
             state["deployed"].append(info["deployed_params"])
             state["reference"].append(info.get("reference_params"))
             state["expandable"] = info["expandable_blocks"]
@@ -346,7 +376,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
                                                      "test/a_task_mean": float(np.mean(seen)) if seen else None})
             log.info("task %d: accuracy per task %s", task.task_id, [round(a, 2) for a in ev["row"] if a is not None])
             if cfg.train.checkpoint:
-                _save_checkpoint(ckpt_dir, model, strategy, state, task.task_id, _config_hash(cfg_dict))
+                _save_checkpoint(ckpt_dir, model, strategy, state, task.task_id, cfg_hash)
     result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
     atomic_write_json(run_dir / "result.json", result)
     try:
@@ -402,8 +432,6 @@ def _save_checkpoint(ckpt_dir: Path, model: CLModel, strategy: Strategy, state: 
                      cfg_hash: str) -> None:
     """Atomic task-boundary checkpoint: safetensors (model minus backbone + strategy tensors) + JSON state."""
     from safetensors.torch import save_file
-
-    from cl.runlog import atomic_write_text  # noqa: F401  (same atomic discipline for the JSON)
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     meta, extra = strategy.state()
