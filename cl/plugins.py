@@ -10,7 +10,7 @@ import importlib
 
 __all__ = ["load_builtin"]
 
-_BUILTIN = ("cl.adapters", "streams", "strategies", "evaluation")
+_BUILTIN = ("cl.adapters", "cl.retrieval", "streams", "strategies", "evaluation")
 _loaded = False
 
 

@@ -1,0 +1,250 @@
+"""MOS mechanism tests (mos.md §5-§7): merging in both modes, L_orth, statistics and sampling, prototype lookups,
+self-refinement, the ensemble, and end-to-end / resume runs on the smoke config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl.backbone import DataSpec
+from cl.config import TrainConfig
+from cl.loop import RunContext, run, run_dir_of
+from cl.model import CLModel
+from cl.runlog import JsonlLog
+from cl.types import Batch
+from strategies._mos_parts import (
+    GaussianFeatureBatches,
+    PrototypeIndex,
+    class_statistics,
+    ensemble_scores,
+    flat_params,
+    merge_params_,
+    orth_loss,
+    self_refine,
+)
+from strategies.mos import MosConfig, MosStrategy
+
+SMOKE = [f"strategy.{k}={v}" for k, v in MosStrategy.smoke.items()]
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+def _model_12_blocks() -> CLModel:
+    """A tiny random ViT with 12 blocks, as ViT-B has (so one official forward applies 12 merges)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2, mlp_ratio=2.0,
+                            num_classes=0)
+    vit.requires_grad_(False).eval()
+    return CLModel(vit, DataSpec(32, (0.5,) * 3, (0.5,) * 3, 32, 12))
+
+
+def _strategy_after_task1(tiny_stream, merge_mode: str):
+    """Strategy + model positioned at task 1 with random adapter values: t000 = θ0 (snapshot), t001 = θ."""
+    model = _model_12_blocks()
+    ctx = RunContext(TrainConfig(device="cpu", progress=False, batch_size=4, eval_batch_size=8),
+                     torch.device("cpu"), 0, JsonlLog(None))
+    ctx.stream = tiny_stream
+    strat = MosStrategy(MosConfig(merge_mode=merge_mode, adapter_dropout=0.0, index_backend="torch"), ctx)
+    strat.setup(model, tiny_stream)
+    gen = torch.Generator().manual_seed(1)
+    ctx.task = tiny_stream.tasks[0]
+    strat.before_task(model, ctx.task)
+    with torch.no_grad():
+        for p in strat.set_params(model, 0):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    strat.snapshots = [flat_params(strat.set_params(model, 0))]
+    ctx.task = tiny_stream.tasks[1]
+    strat.before_task(model, ctx.task)
+    with torch.no_grad():
+        for p in strat.set_params(model, 1):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return strat, model, ctx
+
+
+# --- merging (mos.md §5) -------------------------------------------------------------------------------------------
+def test_paper_merge_step_on_hand_made_tensors():
+    theta, m = torch.tensor([1.0, -2.0, 4.0]), torch.tensor([0.0, 2.0, 1.0])
+    p = nn.Parameter(theta.clone())
+    merge_params_([p], [m], beta=0.1)
+    assert torch.allclose(p.data, 0.9 * theta + 0.1 * m)
+    merge_params_([p], [m], beta=0.1, times=3)
+    assert torch.allclose(p.data, m + 0.9**4 * (theta - m))
+
+
+def test_official_training_iteration_contracts_by_0_9_pow_13(tiny_stream):
+    strat, model, ctx = _strategy_after_task1(tiny_stream, "official")
+    theta = flat_params(strat.set_params(model, 1))
+    m = strat.snapshots[0]
+    phase = next(strat.phases(model, ctx.task))
+    for p in strat.set_params(model, 1):
+        p.requires_grad_(True)  # what the loop does for the phase's parameters
+    model.train()
+    x, y = next(iter(ctx.loader(ctx.task.train, 4)))
+    out = strat.loss(model, Batch(x, y, 1), phase)
+    out.loss.backward()  # in-forward merging must leave autograd usable
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in strat.set_params(model, 1))
+    phase.after_step()  # Δ = 0: no optimiser step, then the 13th merge
+    got = flat_params(strat.set_params(model, 1))
+    assert torch.allclose(got, m + 0.9**13 * (theta - m), atol=1e-6)
+    assert torch.equal(flat_params(strat.set_params(model, 0)), m)
+
+
+def test_paper_training_iteration_merges_once(tiny_stream):
+    strat, model, ctx = _strategy_after_task1(tiny_stream, "paper")
+    theta = flat_params(strat.set_params(model, 1))
+    m = strat.snapshots[0]
+    phase = next(strat.phases(model, ctx.task))
+    model.train()
+    x, y = next(iter(ctx.loader(ctx.task.train, 4)))
+    strat.loss(model, Batch(x, y, 1), phase)
+    assert torch.equal(flat_params(strat.set_params(model, 1)), theta)  # the forward never merges
+    phase.after_step()
+    assert torch.allclose(flat_params(strat.set_params(model, 1)), 0.9 * theta + 0.1 * m, atol=1e-7)
+
+
+def _finish_task1(strat, model, ctx):
+    strat.snapshots.append(flat_params(strat.set_params(model, 1)))
+    strat.proto.add(torch.arange(4), torch.randn(4, 32, generator=torch.Generator().manual_seed(2)))
+    model.eval()
+    return next(iter(ctx.loader(ctx.task.test, 8)))[0]
+
+
+def test_official_eval_batch_merges_stored_snapshot_12_times(tiny_stream):
+    strat, model, ctx = _strategy_after_task1(tiny_stream, "official")
+    x = _finish_task1(strat, model, ctx)
+    theta0, theta1 = strat.snapshots
+    strat.predict(model, x)
+    assert torch.allclose(flat_params(strat.set_params(model, 1)), theta0 + 0.9**12 * (theta1 - theta0), atol=1e-6)
+    assert torch.equal(flat_params(strat.set_params(model, 0)), theta0)  # adapter 0 is never merged
+
+
+def test_paper_eval_leaves_snapshots_bit_identical(tiny_stream):
+    strat, model, ctx = _strategy_after_task1(tiny_stream, "paper")
+    x = _finish_task1(strat, model, ctx)
+    before = [p.detach().clone() for p in model.adapter_parameters()]
+    out1 = strat.predict(model, x)
+    out2 = strat.predict(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.adapter_parameters(), strict=True))
+    assert torch.equal(out1.logits, out2.logits)
+
+
+# --- loss and statistics ---------------------------------------------------------------------------------------------
+def test_orth_loss_hand_checked():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    mu = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    # X = [[1,1],[1,0],[0,1]], S = X X^T = [[2,1,1],[1,1,0],[1,0,1]] (temperature 1)
+    e = math.e
+    want = (-math.log(e**2 / (e**2 + 2 * e)) - 2 * math.log(e / (2 * e + 1))) / 3
+    loss = orth_loss(feats, mu, temperature=1.0)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert mu.grad is None and feats.grad is not None  # stored means carry no gradient
+    assert orth_loss(feats.detach(), None, 0.5).item() == pytest.approx(-math.log(e**2 / (e**2 + 1)), rel=1e-6)
+
+
+def test_class_statistics_and_gaussian_sampling_reproduce_them():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 4, generator=gen)
+    feats = torch.cat([torch.randn(50, 4, generator=gen) @ a + 3, torch.randn(50, 4, generator=gen) * 0.5 - 1])
+    labels = torch.arange(2).repeat_interleave(50)
+    classes, means, covs = class_statistics(feats, labels, "covariance", 1e-4)
+    assert classes.tolist() == [0, 1]
+    assert torch.allclose(covs[0], torch.cov(feats[:50].t()) + 1e-4 * torch.eye(4), atol=1e-5)
+    data = GaussianFeatureBatches(means, covs, samples_per_class=20_000, epochs=2, generator=gen)
+    assert len(data) == 2 and data[0][0].shape == (20_000, 4)
+    x, y = torch.cat([data[i][0] for i in range(2)]), torch.cat([data[i][1] for i in range(2)])
+    for c in range(2):
+        assert torch.allclose(x[y == c].mean(0), means[c], atol=0.06)
+        assert torch.allclose(torch.cov(x[y == c].t()), covs[c], atol=0.12, rtol=0.05)
+    first = data[0][0].clone()
+    data.after_step()
+    data.after_step()  # one epoch = C steps: a fresh draw
+    assert not torch.equal(first, data[0][0])
+    _, _, var = class_statistics(feats, labels, "variance", 1e-4)
+    vdata = GaussianFeatureBatches(means, var, samples_per_class=20_000, epochs=1, generator=gen)
+    xv, yv = torch.cat([vdata[i][0] for i in range(2)]), torch.cat([vdata[i][1] for i in range(2)])
+    assert torch.allclose(xv[yv == 1].var(0), var[1], rtol=0.1)
+
+
+# --- inference -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "flat"])
+def test_prototype_lookups_equal_direct_cosine(backend):
+    gen = torch.Generator().manual_seed(0)
+    index = PrototypeIndex(backend, 16)
+    means = torch.randn(7, 16, generator=gen)
+    index.add(torch.arange(4), means[:4])
+    index.add(torch.arange(4, 7), means[4:])
+    q = torch.randn(5, 16, generator=gen)
+    want = F.normalize(q, dim=-1) @ F.normalize(means, dim=-1).t()
+    assert torch.allclose(index.scores(q, 7), want, atol=1e-5)
+
+
+def test_self_refinement_stops_on_repeat_and_at_cap():
+    task_of = torch.tensor([0, 1, 2])  # one class per task
+    # predicted class of sample s under adapter t
+    table = torch.tensor([[0, 1, 2],  # sample 0: adapter 0 -> task 0: repeat after 1 evaluation
+                          [1, 1, 0],  # sample 1: 0 -> 1 -> 1: repeat after 2 evaluations
+                          [1, 2, 0]])  # sample 2: 0 -> 1 -> 2 -> 0 -> capped at 4 evaluations (adapter 0)
+    calls = []
+
+    def features_for(rows, tasks):
+        calls.append((rows.tolist(), tasks.tolist()))
+        cls = table[rows, tasks]
+        return F.one_hot(cls, 3).float() * (1 + tasks[:, None].float())  # logit scale marks the adapter
+
+    logits, g, evals = self_refine(torch.zeros(3, dtype=torch.long), features_for, lambda f: f, task_of, 4)
+    assert evals.tolist() == [1, 2, 4]
+    assert g.tolist() == [0, 1, 0]
+    assert logits[2].tolist() == [0.0, 1.0, 0.0]  # the last evaluated adapter (0), not the next guess
+    assert logits[1].tolist() == [0.0, 2.0, 0.0]
+    assert calls[-1] == ([2], [0])
+    _, g3, evals3 = self_refine(torch.zeros(3, dtype=torch.long), features_for, lambda f: f, task_of, 3)
+    assert evals3.tolist() == [1, 2, 3] and g3.tolist() == [0, 1, 2]
+
+
+def test_ensemble_combines_as_specified():
+    z = torch.tensor([[2.0, 0.0, -1.0]])
+    zp = torch.tensor([[0.1, 0.5, -0.2]])
+    ez, ep = torch.exp(z), torch.exp(3 * zp)
+    assert torch.allclose(ensemble_scores(z, zp, num_tasks=3), ez / ez.sum() + ep / ep.sum())
+
+
+# --- end to end ------------------------------------------------------------------------------------------------------
+def test_smoke_run_logs_task_retrieval(smoke_config):
+    cfg = smoke_config("strategy.name=mos", *SMOKE)
+    result = run(cfg)
+    saved = json.loads((run_dir_of(cfg) / "result.json").read_text())
+    tra = saved["task_retrieval"]
+    assert len(tra["accuracy_matrix"]) == 3 and tra["initial_accuracy_matrix"] is not None
+    assert all(v is not None for v in tra["accuracy_matrix"][-1])
+    assert result["expansion"]["expansion_rate"] == pytest.approx(1.0)
+    drift = [json.loads(r) for r in (run_dir_of(cfg) / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "mos_adapter_drift" for r in drift)
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(smoke_config, monkeypatch):
+    overrides = ("strategy.name=mos", *SMOKE, "strategy.merge_mode=official", "train.checkpoint=true",
+                 "stream.train_images_per_class=12", "stream.test_images_per_class=6")
+    ref = run(smoke_config(*overrides, "experiment=ref"))
+    cfg = smoke_config(*overrides, "experiment=resumed")
+    original = MosStrategy.before_task
+
+    def crash(self, model, task):
+        if task.task_id == 2:
+            raise KeyboardInterrupt
+        original(self, model, task)
+
+    monkeypatch.setattr(MosStrategy, "before_task", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(MosStrategy, "before_task", original)
+    res = run(cfg, resume=True)
+    assert res["accuracy_matrix"] == ref["accuracy_matrix"]
+    assert res["task_retrieval"] == ref["task_retrieval"]
+    assert ref["task_retrieval"]["accuracy_matrix"][-1][-1] is not None
