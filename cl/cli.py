@@ -37,28 +37,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    """Run one config once per strategy, then write a comparison report."""
-    from cl.config import load_config
-    from cl.loop import run, run_dir_of
-    from cl.registries import STRATEGIES
-    from evaluation.report import make_report
+    """Run a config (or sweep file) once per strategy, then write a comparison report."""
+    from cl.sweep import load_sweep, run_sweep
 
-    names = args.strategies.split(",") if args.strategies else STRATEGIES.names()
-    for n in names:
-        STRATEGIES.get(n)
-    run_dirs = []
-    for i, name in enumerate(names):
-        cfg = load_config(args.config, [*args.set, f"strategy.name={name}",
-                                        f"experiment={Path(args.config).stem}_{name}"])
-        print(f"[{i + 1}/{len(names)}] {name}", flush=True)
-        done = (run_dir_of(cfg) / "result.json").exists() and args.skip_done
-        result = None if done else run(cfg, resume=args.resume)
-        if result is not None:
-            m = result["metrics"]
-            print(f"    A_last {m['a_last']:.2f}  A_avg {m['a_avg']:.2f}  forgetting {(m['forgetting'] or 0):.2f}  "
-                  f"({result['timing']['total_s']:.0f} s)", flush=True)
-        run_dirs.append(run_dir_of(cfg))
-    report = make_report(run_dirs, Path(args.report))
+    plan = load_sweep(args.config, args.report)
+    names = [n for n in args.strategies.split(",") if n] or None
+    _, report = run_sweep(plan, strategies=names, extra=args.set, resume=args.resume, skip_done=args.skip_done,
+                          echo=lambda m: print(m, flush=True))
     print(f"report: {report}")
     return 0
 
@@ -89,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.01")
     r.add_argument("--resume", action="store_true", help="continue from the last task-boundary checkpoint")
     r.set_defaults(fn=_cmd_run)
-    s = sub.add_parser("sweep", help="run a config once per strategy and write a comparison report")
+    s = sub.add_parser("sweep", help="run a config or sweep file once per strategy and write a comparison report")
     s.add_argument("config")
     s.add_argument("--strategies", default="", help="comma-separated names (default: every registered strategy)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--report", default="reports/sweep", help="report folder")
+    s.add_argument("--report", default=None, help="report folder (default: the sweep file's, else reports/<stem>)")
     s.add_argument("--resume", action="store_true")
     s.add_argument("--skip-done", action="store_true", help="reuse runs that already have a result.json")
     s.set_defaults(fn=_cmd_sweep)

@@ -78,12 +78,12 @@ class RunContext:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def loader(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool = False, key: Any = 0,
-               drop_last: bool = False) -> DataLoader:
+               drop_last: bool = False, num_workers: int | None = None) -> DataLoader:
         """A DataLoader; shuffling is seeded by ``(seed, task, key)`` so runs and resumes are reproducible."""
         gen = torch.Generator().manual_seed(_seed_of(self.seed, self.task.task_id if self.task else -1, key))
         return DataLoader(
             dataset, batch_size=batch_size or self.train.batch_size, shuffle=shuffle, generator=gen,
-            num_workers=self.train.num_workers, drop_last=drop_last, pin_memory=self.device.type == "cuda",
+            num_workers=self.train.num_workers if num_workers is None else num_workers, drop_last=drop_last, pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
 
@@ -153,7 +153,8 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         trained[id(p)] = p.numel()
     model.assert_backbone_frozen()
     data = phase.data if phase.data is not None else task.train
-    loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, len(trained)))
+    loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, len(trained)),
+                        num_workers=phase.num_workers)
     opt = _build_optimizer(groups, phase, ctx.train) if params else None
     sched_kind = phase.scheduler or ctx.train.scheduler
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs, eta_min=0.0)
@@ -203,6 +204,7 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     ds = ConcatDataset([t.test for t in tasks])
     offsets = np.cumsum([0] + [t.num_classes for t in stream.tasks])
     preds, labels, task_preds, task_init = [], [], [], []
+    extra_preds: dict[str, list[Tensor]] = {}
     for x, y in ctx.progress(ctx.loader(ds, ctx.train.eval_batch_size), f"eval after task {upto}"):
         with ctx.autocast():
             out = strategy.predict(model, ctx.to_device(x))
@@ -213,13 +215,21 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
             task_preds.append(out.task_pred.cpu())
             if "task_pred_initial" in out.extras:
                 task_init.append(out.extras["task_pred_initial"].cpu())
+        if isinstance(out, Prediction):
+            for k, v in out.extras.items():
+                if k.endswith("_pred") and not k.startswith("task_pred"):
+                    extra_preds.setdefault(k, []).append(v.cpu())
     pred_t, y_t = torch.cat(preds), torch.cat(labels)
     true_task = torch.as_tensor(np.searchsorted(offsets, y_t.numpy(), side="right") - 1)
     row: list[float | None] = []
     for j, _ in enumerate(tasks):
         m = true_task == j
         row.append(float((pred_t[m] == y_t[m]).float().mean() * 100) if m.any() else None)
-    out: dict[str, Any] = {"row": row}
+    out: dict[str, Any] = {"row": row, "extra_rows": {}}
+    for k, chunks in extra_preds.items():  # e.g. MOS's prototype-only and head-only class predictions
+        ep = torch.cat(chunks)
+        out["extra_rows"][k] = [float((ep[true_task == j] == y_t[true_task == j]).float().mean() * 100)
+                                for j in range(len(tasks))]
     if task_preds:
         tp = torch.cat(task_preds)
         out["tra_row"] = [float((tp[true_task == j] == j).float().mean() * 100) for j in range(len(tasks))]
@@ -364,6 +374,8 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
                 state["acc_given_correct_task"].append(ev["acc_given_correct_task"])
             if "tra_initial_row" in ev:
                 state["tra_initial"].append(ev["tra_initial_row"])
+            for k, r in ev["extra_rows"].items():
+                state.setdefault("extra", {}).setdefault(k, []).append(r)
             state["K"].append(model.adapters_per_block())
             state["trainable"].append(n_trained)
             state["deployed"].append(info["deployed_params"])
@@ -422,6 +434,8 @@ def _finalize(cfg: ExperimentConfig, stream: Stream, state: dict[str, Any], summ
         "accuracy_matrix": R,
         "metrics": metrics,
         "task_retrieval": tra,
+        # accuracy matrices of auxiliary predictors a strategy reports (e.g. MOS ``proto_pred``, ``head_pred``)
+        "extra_accuracy_matrices": {k: _square(v, n) for k, v in state.get("extra", {}).items()},
         "expansion": expansion,
         "events": state["events"],
         "timing": {"total_s": round(total_s, 3), "per_task_s": [round(s, 3) for s in state["per_task_s"]]},

@@ -114,7 +114,8 @@ class Phase:
         data: ``None`` = the task's training set; otherwise any dataset yielding ``(x, y)``.
         lr, optimizer, weight_decay, momentum, batch_size, scheduler: ``None`` falls back to ``train`` config values.
         after_step: called after every optimiser step (e.g. MOS adapter merging).
-        train_modules: called once before the phase starts to set train/eval modes (default: ``model.train()``).
+        num_workers: DataLoader workers for this phase (``None`` = ``train.num_workers``; use 0 for in-memory
+            feature datasets).
         info: free-form fields copied into the phase's log records.
     """
 
@@ -129,6 +130,7 @@ class Phase:
     batch_size: int | None = None
     scheduler: Literal["cosine", "constant"] | None = None
     after_step: Callable[[], None] | None = None
+    num_workers: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
