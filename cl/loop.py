@@ -83,8 +83,8 @@ class RunContext:
         gen = torch.Generator().manual_seed(_seed_of(self.seed, self.task.task_id if self.task else -1, key))
         return DataLoader(
             dataset, batch_size=batch_size or self.train.batch_size, shuffle=shuffle, generator=gen,
-            num_workers=self.train.num_workers if num_workers is None else num_workers, drop_last=drop_last, pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
+            num_workers=self.train.num_workers if num_workers is None else num_workers, drop_last=drop_last,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
 
     def to_device(self, x: Tensor) -> Tensor:

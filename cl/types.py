@@ -109,7 +109,8 @@ class Phase:
 
     Attributes:
         name: log name (``"adapters"``, ``"rd"``, ``"head"``...).
-        params: parameters to optimise, or parameter groups (dicts with ``params`` and optional ``lr``/``weight_decay``).
+        params: parameters to optimise, or parameter groups (dicts with ``params`` and optional ``lr`` or
+            ``weight_decay``).
         epochs: number of passes over ``data``.
         data: ``None`` = the task's training set; otherwise any dataset yielding ``(x, y)``.
         lr, optimizer, weight_decay, momentum, batch_size, scheduler: ``None`` falls back to ``train`` config values.

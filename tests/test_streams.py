@@ -13,8 +13,11 @@ from streams.split import class_order, split_classes, task_sizes
 from streams.synthetic import SyntheticConfig, build_synthetic
 
 
-@pytest.mark.parametrize(("n", "init", "inc", "sizes"), [(10, 0, 2, [2, 2, 2, 2, 2]), (10, 0, 3, [3, 3, 4]),
-                                                         (10, 4, 3, [4, 3, 3]), (11, 4, 3, [4, 3, 4]), (7, 5, 1, [5, 1, 1]), (5, 5, 2, [5])])
+SIZES = [(10, 0, 2, [2, 2, 2, 2, 2]), (10, 0, 3, [3, 3, 4]), (10, 4, 3, [4, 3, 3]), (11, 4, 3, [4, 3, 4]),
+         (7, 5, 1, [5, 1, 1]), (5, 5, 2, [5])]
+
+
+@pytest.mark.parametrize(("n", "init", "inc", "sizes"), SIZES)
 def test_task_sizes_keep_the_remainder(n, init, inc, sizes):
     assert task_sizes(n, init, inc) == sizes
     groups = split_classes(class_order(n), init, inc)
