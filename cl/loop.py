@@ -33,7 +33,18 @@ from cl.runlog import JsonlLog, atomic_write_json
 from cl.strategy import Strategy
 from cl.types import Batch, Phase, Prediction, Stream, Task
 
-__all__ = ["RunContext", "Session", "run", "run_dir_of", "build_model_and_stream", "resolve_device"]
+__all__ = [
+    "RunContext",
+    "Session",
+    "run",
+    "run_dir_of",
+    "build_model_and_stream",
+    "resolve_device",
+    "rng_scope",
+    "derive_seed",
+    "save_run_checkpoint",
+    "load_run_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +62,8 @@ def run_dir_of(cfg: ExperimentConfig) -> Path:
     return Path(cfg.out) / cfg.experiment / str(cfg.seed)
 
 
-def _seed_of(*parts: Any) -> int:
+def derive_seed(*parts: Any) -> int:
+    """A 32-bit seed derived from any hashable description (stable across processes)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
@@ -80,7 +92,7 @@ class RunContext:
     def loader(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool = False, key: Any = 0,
                drop_last: bool = False, num_workers: int | None = None) -> DataLoader:
         """A DataLoader; shuffling is seeded by ``(seed, task, key)`` so runs and resumes are reproducible."""
-        gen = torch.Generator().manual_seed(_seed_of(self.seed, self.task.task_id if self.task else -1, key))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.task.task_id if self.task else -1, key))
         return DataLoader(
             dataset, batch_size=batch_size or self.train.batch_size, shuffle=shuffle, generator=gen,
             num_workers=self.train.num_workers if num_workers is None else num_workers, drop_last=drop_last,
@@ -141,7 +153,8 @@ def _build_optimizer(groups: list[dict[str, Any]], phase: Phase, tc: TrainConfig
     raise ValueError(f"optimizer={name!r}; valid choices: sgd, adam, adamw")
 
 
-def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext, trained: dict[int, int]) -> None:
+def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext, trained: dict[int, nn.Parameter],
+               index: int = 0) -> None:
     task = ctx.task
     assert task is not None
     groups = _param_groups(phase)
@@ -150,10 +163,10 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-        trained[id(p)] = p.numel()
+        trained[id(p)] = p  # keeps the parameter alive so its id cannot be reused within the task
     model.assert_backbone_frozen()
     data = phase.data if phase.data is not None else task.train
-    loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, len(trained)),
+    loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, index),
                         num_workers=phase.num_workers)
     opt = _build_optimizer(groups, phase, ctx.train) if params else None
     sched_kind = phase.scheduler or ctx.train.scheduler
@@ -275,7 +288,7 @@ def _config_hash(cfg_dict: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _rng_scope(seed: int, device: torch.device) -> Iterator[None]:
+def rng_scope(seed: int, device: torch.device) -> Iterator[None]:  # noqa: D401
     """Seeded RNG for the run, restored afterwards (library code never leaves the global RNG changed)."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cuda"):
@@ -309,15 +322,21 @@ class Session:
         return cls(model, stream, strategy, ctx)
 
     def train_task(self, task: Task) -> int:
-        """``before_task`` -> every phase -> ``after_task``; returns the number of parameters trained."""
+        """``before_task`` -> every phase -> ``after_task``; returns the number of parameters trained.
+
+        Reseeds torch's RNG from ``(seed, task id)`` first, so every driver (``run``, the Avalanche bridge, a resumed
+        run) trains a task from the same random state. Wrap calls in :func:`rng_scope` to leave the caller's RNG as
+        it was.
+        """
+        torch.manual_seed(derive_seed(self.ctx.seed, "task", task.task_id))
         self.ctx.task = task
-        trained: dict[int, int] = {}
+        trained: dict[int, nn.Parameter] = {}
         self.strategy.before_task(self.model, task)
-        for phase in self.strategy.phases(self.model, task):
-            _run_phase(self.model, self.strategy, phase, self.ctx, trained)
+        for index, phase in enumerate(self.strategy.phases(self.model, task)):
+            _run_phase(self.model, self.strategy, phase, self.ctx, trained, index)
         self.strategy.after_task(self.model, task)
         self.model.assert_backbone_frozen()
-        return sum(trained.values())
+        return sum(p.numel() for p in trained.values())
 
     def evaluate(self, upto: int, future: bool = False) -> dict[str, Any]:
         return _evaluate(self.model, self.strategy, self.stream, upto, self.ctx, future)
@@ -349,7 +368,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
     atomic_write_json(run_dir / "config.json", {**cfg_dict, "versions": _versions(), "config_hash": cfg_hash})
     jlog = JsonlLog(run_dir / "metrics.jsonl", seed=cfg.seed, strategy=cfg.strategy.name)
     t_start = time.time()
-    with _rng_scope(cfg.seed, resolve_device(cfg.train.device)):
+    with rng_scope(cfg.seed, resolve_device(cfg.train.device)):
         sess = Session.create(cfg, jlog)
         model, stream, strategy, ctx = sess.model, sess.stream, sess.strategy, sess.ctx
         state: dict[str, Any] = {"R": [], "tra": [], "tra_initial": [], "acc_given_correct_task": [],
@@ -357,13 +376,12 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
                                  "per_task_s": [], "events": []}
         start_task = 0
         if resume and (ckpt_dir / "state.json").exists():
-            start_task = _load_checkpoint(ckpt_dir, model, strategy, state, cfg_hash)
+            start_task = load_run_checkpoint(ckpt_dir, model, strategy, state, cfg_hash)
             ctx.events = state["events"]
             log.info("resumed %s after task %d", run_dir, start_task - 1)
             jlog.write("resume", from_task=start_task)
         jlog.write("start", experiment=cfg.experiment, tasks=len(stream), device=str(ctx.device))
         for task in stream.tasks[start_task:]:
-            torch.manual_seed(_seed_of(cfg.seed, "task", task.task_id))
             t0 = time.time()
             n_trained = sess.train_task(task)
             ev = sess.evaluate(task.task_id, cfg.eval.future_tasks)
@@ -388,7 +406,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
                                                      "test/a_task_mean": float(np.mean(seen)) if seen else None})
             log.info("task %d: accuracy per task %s", task.task_id, [round(a, 2) for a in ev["row"] if a is not None])
             if cfg.train.checkpoint:
-                _save_checkpoint(ckpt_dir, model, strategy, state, task.task_id, cfg_hash)
+                save_run_checkpoint(ckpt_dir, model, strategy, state, task.task_id, cfg_hash)
     result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
     atomic_write_json(run_dir / "result.json", result)
     try:
@@ -442,7 +460,7 @@ def _finalize(cfg: ExperimentConfig, stream: Stream, state: dict[str, Any], summ
     }
 
 
-def _save_checkpoint(ckpt_dir: Path, model: CLModel, strategy: Strategy, state: dict[str, Any], task_id: int,
+def save_run_checkpoint(ckpt_dir: Path, model: CLModel, strategy: Strategy, state: dict[str, Any], task_id: int,
                      cfg_hash: str) -> None:
     """Atomic task-boundary checkpoint: safetensors (model minus backbone + strategy tensors) + JSON state."""
     from safetensors.torch import save_file
@@ -466,7 +484,8 @@ def _route_spec(route: Any) -> dict[str, Any] | None:
     return {"kind": route.kind, "names": list(route.names)}
 
 
-def _load_checkpoint(ckpt_dir: Path, model: CLModel, strategy: Strategy, state: dict[str, Any], cfg_hash: str) -> int:
+def load_run_checkpoint(ckpt_dir: Path, model: CLModel, strategy: Strategy, state: dict[str, Any],
+                        cfg_hash: str) -> int:
     from safetensors.torch import load_file
 
     from cl.mixture import Route

@@ -23,7 +23,7 @@ def _overrides(name: str, *extra: str) -> list[str]:
 @pytest.mark.parametrize("name", NAMES)
 def test_strategy_runs_and_keeps_backbone_bit_identical(name, smoke_config):
     cfg = smoke_config(*_overrides(name))
-    with loop._rng_scope(cfg.seed, torch.device("cpu")):
+    with loop.rng_scope(cfg.seed, torch.device("cpu")):
         sess = loop.Session.create(cfg)
         before = {k: v.clone() for k, v in sess.model.backbone.state_dict().items()}
         rows = []

@@ -1,0 +1,424 @@
+"""SEMA: Self-Expansion of pre-trained models with Modularized Adaptation.
+
+H. Wang, H. Lu, L. Yao, D. Gong, "Self-Expansion of Pre-trained Models with Mixture of Adapters for Continual
+Learning", CVPR 2025, arXiv 2403.18886; official code ``huiyiwang01/SEMA-CL``. Specification: ``specs/sema.md``.
+
+A frozen ViT carries one bottleneck adapter per block (parallel to the MLP). At the expandable blocks each adapter is
+paired with a representation descriptor (RD, a linear autoencoder on the token mean of the block input) and a column
+of a softmax router. From task 2 on, a detection pass over the task's training data computes the z-score of every
+frozen RD's reconstruction error; at the first block where *every* RD finds a batch novel (min_k mean_b z > tau), a
+new adapter + RD + router column is added, trained for one round (classification phase, then RD phase), frozen, and
+detection continues (section 5.5). Inference mixes all adapters of an expandable block with the router's softmax.
+
+Deviations from the official code (each a documented switch or a change that does not alter the method):
+
+- detection runs under ``torch.no_grad()`` and stops the forward after the last expandable block (the logits of a
+  detection batch are unused); the RD phase likewise stops after the last block with a trainable RD;
+- once every expandable block has expanded in a task, the remaining detection batches and the final (necessarily
+  silent) detection pass are skipped, so ``detection_passes`` can be one lower than the official count;
+- RD errors are computed from the same forward as the classification loss (a hook on the block input), in float32;
+- switches: ``adapter_scale`` (official effective 1.0), ``z_score: upper`` (one-sided), ``rd_training: joint`` (one
+  optimiser over CE + sum of RD losses for ``func_epoch`` epochs, RD parameters at ``rd_lr``; paper Eq. 4),
+  ``router_init: match_old_bias`` (a new router column's bias starts at the mean bias of the frozen columns, against
+  the imbalance of ``specs/sema.md`` section 12 row 10), ``prefix_cache`` (performance only; exact in float32 with
+  deterministic training inputs, i.e. ``stream.augment: none``). Any non-default value is a deviation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+from cl.adapters import BottleneckConfig, adapter_name
+from cl.adapters.inject import site_key
+from cl.config import StrategyConfig
+from cl.heads import IncrementalLinear
+from cl.mixture import ExpandableRouter, Route
+from cl.model import CLModel
+from cl.strategy import Strategy, masked_cross_entropy, register_strategy
+from cl.types import Batch, Phase, StepOutput, Stream, Task
+from strategies._sema_parts import (
+    ExpansionSignal,
+    RepresentationDescriptor,
+    StopForward,
+    buffer_stats,
+    descriptor_errors,
+    layer_fires,
+    z_scores,
+)
+
+__all__ = ["SemaConfig", "SemaStrategy"]
+
+BASE = adapter_name(0)
+RD_KEY = "sema_rd"
+
+
+@dataclass(frozen=True)
+class SemaConfig(StrategyConfig):
+    """``strategy.name: sema`` (defaults = the official CIFAR-100 recipe, ``specs/sema.md`` section 7).
+
+    Attributes:
+        expandable_blocks: 0-based blocks with RDs and routers that may grow (checked against the backbone at setup).
+        bottleneck: adapter hidden size r. rd_dim: RD code size q. buffer_size: RD error FIFO capacity.
+        exp_threshold: tau of the expansion test. z_score: ``abs`` (official) or ``upper`` (one-sided).
+        func_epoch / rd_epoch: epochs of the classification and RD phases. init_lr / rd_lr: their learning rates.
+        momentum / weight_decay / batch_size: SGD settings shared by all phases. detect_batch_size: detection batch.
+        adapter_scale: adapter output scale (official effective value 1.0).
+        rd_training: ``sequential`` (official: two phases) or ``joint`` (one phase, CE + sum of RD losses).
+        router_init: ``faithful`` (default PyTorch init of a new column) or ``match_old_bias``.
+        prefix_cache: from task 2 on, cache the input of the first expandable block per training image (needs
+            ``stream.augment: none``).
+    """
+
+    name: str = "sema"
+    expandable_blocks: tuple[int, ...] = (9, 10, 11)
+    bottleneck: int = 16
+    rd_dim: int = 128
+    buffer_size: int = 500
+    exp_threshold: float = 2.0
+    func_epoch: int = 5
+    rd_epoch: int = 20
+    init_lr: float = 0.005
+    rd_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 32
+    detect_batch_size: int = 128
+    adapter_scale: float = 1.0
+    z_score: Literal["abs", "upper"] = "abs"
+    rd_training: Literal["sequential", "joint"] = "sequential"
+    router_init: Literal["faithful", "match_old_bias"] = "faithful"
+    prefix_cache: bool = False
+
+    def __post_init__(self) -> None:
+        blocks = self.expandable_blocks
+        if not blocks or any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
+            raise ValueError(f"strategy.expandable_blocks must be distinct non-negative block indices, got {blocks}")
+        if list(blocks) != sorted(blocks):
+            raise ValueError(f"strategy.expandable_blocks must be increasing, got {blocks}")
+        for key in ("bottleneck", "rd_dim", "buffer_size", "func_epoch", "rd_epoch", "batch_size",
+                    "detect_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"strategy.{key} must be positive, got {getattr(self, key)}")
+        for key in ("init_lr", "rd_lr"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"strategy.{key} must be positive, got {getattr(self, key)}")
+        choices = {"z_score": ("abs", "upper"), "rd_training": ("sequential", "joint"),
+                   "router_init": ("faithful", "match_old_bias")}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"strategy.{key}={getattr(self, key)!r}; valid choices: {', '.join(valid)}")
+
+
+@dataclass
+class _TaskStats:
+    training_rounds: int = 0
+    detection_passes: int = 0
+    detection_batches: int = 0
+    trainable_params_per_round: list[int] | None = None
+
+
+@register_strategy("sema")
+class SemaStrategy(Strategy):
+    """SEMA (Wang et al., CVPR 2025, arXiv 2403.18886); see the module docstring for deviations."""
+
+    config_cls = SemaConfig
+    cfg: SemaConfig
+    smoke = {"expandable_blocks": (3, 4, 5), "func_epoch": 2, "rd_epoch": 2, "init_lr": 0.005, "rd_lr": 0.05,
+             "batch_size": 16, "detect_batch_size": 32, "rd_dim": 16}
+
+    def __init__(self, cfg: SemaConfig, ctx: Any) -> None:
+        super().__init__(cfg, ctx)
+        self._model: CLModel | None = None
+        self._handles: list = []
+        self._detecting = False
+        self._rd_out: dict[int, Tensor] | None = None  # RD errors with grad, collected for the RD loss
+        self._stop_at: int | None = None
+        self._expanded: set[int] = set()  # blocks expanded during the current task
+        self._new: dict[int, str] = {}  # block -> adapter trained in the current round
+        self._base_done = False
+        self._tasks_done = 0
+        self._stats = _TaskStats()
+        self._added: dict[int, int] = {}
+        self._keepalive: list[nn.Parameter] = []
+
+    # --- setup --------------------------------------------------------------------------------------------------
+    def setup(self, model: CLModel, stream: Stream) -> None:
+        super().setup(model, stream)
+        cfg, n_blocks = self.cfg, len(model.backbone.blocks)
+        bad = [b for b in cfg.expandable_blocks if b >= n_blocks]
+        if bad:
+            raise ValueError(f"strategy.expandable_blocks {bad} out of range: the backbone has blocks 0..{n_blocks - 1}"
+                             f" (e.g. expandable_blocks: {list(range(max(0, n_blocks - 3), n_blocks))})")
+        if cfg.prefix_cache:
+            augmented = {getattr(t.train, "augment", "none") for t in stream.tasks} - {"none"}
+            if augmented:
+                raise ValueError(f"strategy.prefix_cache needs deterministic training inputs (stream.augment: none),"
+                                 f" got augment {sorted(augmented)}")
+        d, device = model.spec.num_features, self.ctx.device
+        model.attach("bottleneck", self._adapter_cfg(None), BASE)
+        model.set_route(Route.select(BASE))
+        model.extras[RD_KEY] = nn.ModuleDict()
+        for b in cfg.expandable_blocks:
+            site = model.sites[self._site(b)]
+            site.router = ExpandableRouter(d, columns=0, pending=1).to(device)  # the task-1 placeholder column
+            site.route = Route.soft()
+            model.extras[RD_KEY][str(b)] = nn.ModuleList([self._new_rd(d)])
+            norm2 = model.backbone.blocks[b].norm2
+            self._handles.append(norm2.register_forward_pre_hook(functools.partial(self._on_block_input, b)))
+        model.heads["main"] = IncrementalLinear(d, stream.num_classes).to(device)
+        self._model = model
+
+    def _adapter_cfg(self, blocks: tuple[int, ...] | None) -> BottleneckConfig:
+        return BottleneckConfig(blocks=blocks, bottleneck=self.cfg.bottleneck, scale=self.cfg.adapter_scale)
+
+    def _new_rd(self, d: int) -> RepresentationDescriptor:
+        rd = RepresentationDescriptor(d, self.cfg.rd_dim, self.cfg.buffer_size).to(self.ctx.device)
+        rd.requires_grad_(False)
+        return rd
+
+    @staticmethod
+    def _site(block: int) -> str:
+        return site_key(f"blocks.{block}")
+
+    def rds(self, model: CLModel, block: int) -> list[RepresentationDescriptor]:
+        """The representation descriptors of an expandable block, oldest first."""
+        return list(model.extras[RD_KEY][str(block)])
+
+    # --- the block-input hook (RD errors from the same forward; detection) ----------------------------------------
+    def _on_block_input(self, block: int, _module: nn.Module, args: tuple) -> None:
+        model = self._model
+        assert model is not None
+        h = args[0]  # (B, N, d): the residual stream after attention, the adapter's input
+        if self._detecting:
+            self._detect_at(model, block, h)
+            if block == self.cfg.expandable_blocks[-1]:
+                raise StopForward
+            return
+        if not model.training:
+            return
+        rds = [rd for rd in self.rds(model, block) if not rd.is_frozen]
+        if rds:
+            u = h.detach().float().mean(dim=1)  # (B, d) token mean
+            with torch.autocast(u.device.type, enabled=False):
+                if self._rd_out is not None:
+                    errs = descriptor_errors(rds, u)  # (K, B), with grad for the RD loss
+                    self._rd_out[block] = errs
+                else:
+                    with torch.no_grad():
+                        errs = descriptor_errors(rds, u)
+            for rd, e in zip(rds, errs, strict=True):
+                rd.record(e)
+        if self._stop_at == block:
+            raise StopForward
+
+    def _detect_at(self, model: CLModel, block: int, h: Tensor) -> None:
+        if block in self._expanded:
+            return
+        rds = self.rds(model, block)
+        u = h.float().mean(dim=1)
+        with torch.autocast(u.device.type, enabled=False):
+            errs = descriptor_errors(rds, u)
+        stats = buffer_stats(rds)
+        z_mean = z_scores(errs, stats, self.cfg.z_score).mean(dim=1)  # (K,)
+        if layer_fires(z_mean, self.cfg.exp_threshold):
+            raise ExpansionSignal(block, z_mean.tolist(), stats)
+
+    @torch.no_grad()
+    def detect_batch(self, model: CLModel, x: Tensor) -> ExpansionSignal | None:
+        """One detection forward (eval mode, no gradient): the signal of the first firing block, or ``None``."""
+        model.eval()
+        self._detecting = True
+        try:
+            with self.ctx.autocast():
+                self._features(model, x)
+        except ExpansionSignal as sig:
+            return sig
+        except StopForward:
+            return None
+        finally:
+            self._detecting = False
+        return None
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def _features(self, model: CLModel, x: Tensor) -> Tensor:
+        """Features of images, or of cached tokens entering the first expandable block (``prefix_cache``)."""
+        if x.is_floating_point() and x.ndim == 3:
+            return model.pool(model.run_blocks(x, self.cfg.expandable_blocks[0]))
+        return model.features(x)
+
+    def _prefix_dataset(self, model: CLModel, task: Task) -> Dataset:
+        first = self.cfg.expandable_blocks[0]
+        tokens, labels = self.ctx.extract(model, task.train, lambda x: model.run_blocks(model.embed(x), 0, first),
+                                          desc="sema prefix cache")
+        return TensorDataset(tokens, labels)
+
+    # --- phases ---------------------------------------------------------------------------------------------------
+    def phases(self, model: CLModel, task: Task) -> Iterator[Phase]:
+        cfg, ctx = self.cfg, self.ctx
+        self._expanded, self._stats, self._added = set(), _TaskStats(trainable_params_per_round=[]), {}
+        if not self._base_done:  # task 1: one round on every adapter, the three RDs and the placeholder columns
+            self._new = {b: BASE for b in range(len(model.backbone.blocks))}
+            yield from self._round(model, None)
+            self._base_done = True
+            return
+        data = self._prefix_dataset(model, task) if cfg.prefix_cache else task.train
+        n_sites = len(cfg.expandable_blocks)
+        while len(self._expanded) < n_sites:
+            self._stats.detection_passes += 1
+            added, seen = False, 0
+            loader = ctx.loader(data, cfg.detect_batch_size, shuffle=True,
+                                key=("sema_detect", self._stats.detection_passes))
+            for index, (x, _) in enumerate(loader):
+                if len(self._expanded) == n_sites:
+                    break
+                seen += len(x)
+                self._stats.detection_batches += 1
+                sig = self.detect_batch(model, ctx.to_device(x))
+                if sig is None:
+                    continue
+                self.expand(model, task.task_id, sig.layer)
+                ctx.event("expansion", layer=sig.layer, detection_pass=self._stats.detection_passes,
+                          batch_index=index, samples_seen=seen, z_mean_per_adapter=sig.z_mean,
+                          z_min=min(sig.z_mean), threshold=cfg.exp_threshold,
+                          buffer_stats=[list(s) for s in sig.stats])
+                yield from self._round(model, data if cfg.prefix_cache else None)
+                added = True
+            if not added:
+                break
+        if self._stats.training_rounds == 0:  # nothing fired: train the head only (section 5.5)
+            yield self._phase("sema_head", list(model.heads["main"].parameters()), cfg.func_epoch, cfg.init_lr,
+                              data if cfg.prefix_cache else None)
+
+    def _phase(self, name: str, params: list, epochs: int, lr: float, data: Dataset | None) -> Phase:
+        cfg = self.cfg
+        return Phase(name, params, epochs, data=data, lr=lr, optimizer="sgd", momentum=cfg.momentum,
+                     weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, scheduler="cosine",
+                     info={"round": self._stats.training_rounds})
+
+    def expand(self, model: CLModel, task_id: int, block: int) -> None:
+        """Add a fresh adapter, RD (empty buffer) and router column at ``block``; they train in the next round."""
+        name = adapter_name(task_id)
+        model.attach("bottleneck", self._adapter_cfg((block,)), name)
+        router = model.sites[self._site(block)].router
+        assert isinstance(router, ExpandableRouter)
+        col = router.add_column()
+        if self.cfg.router_init == "match_old_bias" and router.bias.numel():
+            with torch.no_grad():
+                col.bias.fill_(float(router.bias.mean()))
+        model.extras[RD_KEY][str(block)].append(self._new_rd(model.spec.num_features))
+        self._expanded.add(block)
+        self._added[block] = 1
+        self._new = {block: name}
+
+    def _round(self, model: CLModel, data: Dataset | None) -> Iterator[Phase]:
+        """One training round (section 7): classification phase, RD phase, then freeze everything and merge."""
+        cfg = self.cfg
+        cls_params: list[nn.Parameter] = []
+        for block, name in self._new.items():
+            cls_params += model.adapter_parameters(name, [self._site(block)])
+        for block in cfg.expandable_blocks:
+            cls_params += list(model.sites[self._site(block)].router.pending.parameters())
+        cls_params += list(model.heads["main"].parameters())
+        rd_params = [p for b in cfg.expandable_blocks for rd in self.rds(model, b) if not rd.is_frozen
+                     for p in rd.parameters()]
+        self._stats.trainable_params_per_round.append(sum(p.numel() for p in cls_params + rd_params))
+        # merge() below frees the pending router columns; keeping them alive until the task ends stops a later
+        # parameter from reusing their id(), which the loop uses to count trained parameters and key its shuffles
+        self._keepalive += cls_params
+        if cfg.rd_training == "joint":
+            groups = [{"params": cls_params, "lr": cfg.init_lr}, {"params": rd_params, "lr": cfg.rd_lr}]
+            yield self._phase("sema_joint", groups, cfg.func_epoch, cfg.init_lr, data)
+        else:
+            yield self._phase("sema_cls", cls_params, cfg.func_epoch, cfg.init_lr, data)
+            yield self._phase("sema_rd", rd_params, cfg.rd_epoch, cfg.rd_lr, data)
+        for block in cfg.expandable_blocks:
+            for rd in self.rds(model, block):
+                rd.freeze()
+            model.sites[self._site(block)].router.merge()
+        self._new = {}
+        self._stats.training_rounds += 1
+
+    # --- losses ---------------------------------------------------------------------------------------------------
+    def loss(self, model: CLModel, batch: Batch, phase: Phase) -> StepOutput:
+        task = self.ctx.task
+        assert task is not None
+        if phase.name == "sema_rd":
+            blocks = [b for b in self.cfg.expandable_blocks if any(not rd.is_frozen for rd in self.rds(model, b))]
+            self._rd_out, self._stop_at = {}, max(blocks)
+            try:
+                self._features(model, batch.x)
+            except StopForward:
+                pass
+            finally:
+                rd_out, self._rd_out, self._stop_at = self._rd_out, None, None
+            rd_loss = sum(e.mean(dim=1).sum() for e in rd_out.values())
+            return StepOutput(rd_loss, {"rd": float(rd_loss.detach())})
+        joint = phase.name == "sema_joint"
+        self._rd_out = {} if joint else None
+        try:
+            logits = model.heads["main"](self._features(model, batch.x))
+        finally:
+            rd_out, self._rd_out = self._rd_out, None
+        ce = masked_cross_entropy(logits, batch.y, self.ctx.num_seen, task.label_offset)
+        if not joint:
+            return StepOutput(ce, {"ce": float(ce.detach())})
+        rd_loss = sum(e.mean(dim=1).sum() for e in rd_out.values())
+        return StepOutput(ce + rd_loss, {"ce": float(ce.detach()), "rd": float(rd_loss.detach())})
+
+    # --- after the task ---------------------------------------------------------------------------------------------
+    def after_task(self, model: CLModel, task: Task) -> None:
+        blocks = self.cfg.expandable_blocks
+        routers = {b: model.sites[self._site(b)].router for b in blocks}
+        self.ctx.event(
+            "sema_task",
+            training_rounds=self._stats.training_rounds,
+            detection_passes=self._stats.detection_passes,
+            detection_batches=self._stats.detection_batches,
+            head_only=self._stats.training_rounds == 0,
+            adapters_per_layer=model.adapters_per_block(),
+            added_per_layer=[self._added.get(b, 0) for b in blocks] if task.task_id else [1] * len(blocks),
+            trainable_params_per_round=self._stats.trainable_params_per_round,
+            rd_stats={str(b): [list(s) for s in buffer_stats(self.rds(model, b))] for b in blocks},
+            router_columns={str(b): {"bias": r.bias.tolist(), "weight_norm": r.weight.norm(dim=1).tolist()}
+                            for b, r in routers.items()},
+        )
+        self._expanded, self._keepalive = set(), []
+        self._tasks_done += 1
+
+    def expansion_info(self, model: CLModel) -> dict[str, Any]:
+        """P(t) = adapters + router columns (RDs and head excluded); P_ref(t) = one module per site per task."""
+        blocks = self.cfg.expandable_blocks
+        fixed = sum(p.numel() for k, s in model.sites.items() if k not in {self._site(b) for b in blocks}
+                    for p in s.parameters())
+        module = sum(p.numel() for p in model.adapter_parameters(BASE, [self._site(blocks[0])]))
+        module += model.spec.num_features + 1  # one router column
+        return {
+            "expandable_blocks": list(blocks),
+            "deployed_params": model.deployed_params(),
+            "reference_params": fixed + len(blocks) * max(self._tasks_done, 1) * module,
+        }
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """RD counts and flags; RD weights, error buffers and frozen flags are buffers in ``model.extras``."""
+        model = self._model
+        assert model is not None
+        counts = {str(b): len(self.rds(model, b)) for b in self.cfg.expandable_blocks}
+        return {"rd_counts": counts, "base_done": self._base_done, "tasks_done": self._tasks_done}, {}
+
+    def rebuild(self, model: CLModel, meta: dict[str, Any]) -> None:
+        for block, count in meta["rd_counts"].items():
+            rds = model.extras[RD_KEY][block]
+            while len(rds) < count:
+                rds.append(self._new_rd(model.spec.num_features))
+
+    def load_state(self, model: CLModel, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        self._base_done = bool(meta["base_done"])
+        self._tasks_done = int(meta["tasks_done"])
