@@ -12,7 +12,6 @@ from streams.image_folder import build_image_folder
 from streams.split import class_order, split_classes, task_sizes
 from streams.synthetic import SyntheticConfig, build_synthetic
 
-
 SIZES = [(10, 0, 2, [2, 2, 2, 2, 2]), (10, 0, 3, [3, 3, 4]), (10, 4, 3, [4, 3, 3]), (11, 4, 3, [4, 3, 4]),
          (7, 5, 1, [5, 1, 1]), (5, 5, 2, [5])]
 
