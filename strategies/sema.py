@@ -95,6 +95,9 @@ class SemaConfig(StrategyConfig):
     rd_training: Literal["sequential", "joint"] = "sequential"
     router_init: Literal["faithful", "match_old_bias"] = "faithful"
     prefix_cache: bool = False
+    #: the official recipe uses SGD; ``adamw`` is a deviation for backbones/datasets where SGD at the paper's rates
+    #: diverges or stalls (e.g. the CPU quickstart: DINOv2-S features, 120 images per task)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
 
     def __post_init__(self) -> None:
         blocks = self.expandable_blocks
@@ -298,7 +301,7 @@ class SemaStrategy(Strategy):
 
     def _phase(self, name: str, params: list, epochs: int, lr: float, data: Dataset | None) -> Phase:
         cfg = self.cfg
-        return Phase(name, params, epochs, data=data, lr=lr, optimizer="sgd", momentum=cfg.momentum,
+        return Phase(name, params, epochs, data=data, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                      weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, scheduler="cosine",
                      info={"round": self._stats.training_rounds})
 
