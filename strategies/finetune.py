@@ -32,7 +32,7 @@ class FinetuneConfig(AdapterStrategyConfig):
 @register_strategy("finetune")
 class FinetuneStrategy(Strategy):
     config_cls = FinetuneConfig
-    cfg: FinetuneConfig
+    cfg: FinetuneConfig  # JointStrategy reuses this class with a JointConfig
 
     def setup(self, model: CLModel, stream: Stream) -> None:
         super().setup(model, stream)
