@@ -35,6 +35,7 @@ Backend notes:
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from collections.abc import Sequence
@@ -237,7 +238,7 @@ def _read_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[st
 # shared base
 
 
-class _IndexBase:
+class _IndexBase(abc.ABC):
     """Input checks, metric handling, file I/O and pickling shared by the backends."""
 
     cfg: IndexConfig
@@ -259,14 +260,17 @@ class _IndexBase:
         t = _as_matrix(x, self._dim, what)
         return F.normalize(t, dim=1) if self.cfg.metric == "cosine" else t
 
-    def __len__(self) -> int:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        ...
 
-    def state_dict(self) -> dict[str, Tensor]:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Tensor]:
+        ...
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        ...
 
     def _check_state(self, state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         missing = [name for name in ("keys", "ids") if name not in state]

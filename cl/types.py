@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 __all__ = ["Task", "Stream", "Batch", "StepOutput", "Prediction", "Phase", "ViewableDataset"]
 
 
-class ViewableDataset(Dataset):
+class ViewableDataset(Dataset, abc.ABC):
     """A dataset yielding ``(image_tensor, label)`` that can be re-viewed with the train or the eval transform.
 
     ``view("train")`` applies the training augmentation, ``view("eval")`` the deterministic test transform. Labels are
@@ -23,8 +24,9 @@ class ViewableDataset(Dataset):
 
     labels: Tensor
 
-    def view(self, kind: Literal["train", "eval"]) -> ViewableDataset:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def view(self, kind: Literal["train", "eval"]) -> ViewableDataset:
+        """The same samples with the training or the evaluation transform."""
 
 
 @dataclass

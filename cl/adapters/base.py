@@ -12,6 +12,7 @@ Placements:
 
 from __future__ import annotations
 
+import abc
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
@@ -41,7 +42,7 @@ class AdapterConfig:
         return asdict(self)
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, abc.ABC):
     """Base class: ``forward(x)`` returns the delta added at the site (zero at initialisation)."""
 
     placement: ClassVar[Placement]
@@ -53,8 +54,9 @@ class Adapter(nn.Module):
         self.out_features = out_features
         self.cfg = cfg
 
-    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, x: Tensor) -> Tensor:
+        """The delta added at the site for input ``x``."""
 
 
 @dataclass(frozen=True)
