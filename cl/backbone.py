@@ -19,9 +19,13 @@ import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 __all__ = ["BackboneConfig", "BackboneError", "DataSpec", "create_backbone", "load_weights_file"]
 
@@ -126,7 +130,7 @@ def create_backbone(cfg: BackboneConfig) -> tuple[nn.Module, DataSpec]:
     if path is not None:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        state = checkpoint_filter_fn(load_weights_file(path), model)
+        state = checkpoint_filter_fn(load_weights_file(path), cast("VisionTransformer", model))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise BackboneError(
@@ -135,11 +139,12 @@ def create_backbone(cfg: BackboneConfig) -> tuple[nn.Module, DataSpec]:
         log.info("loaded backbone weights from %s", path)
     model.requires_grad_(False)
     model.eval()
-    pcfg = model.pretrained_cfg or {}
+    pcfg = cast("dict[str, Any]", model.pretrained_cfg or {})  # timm sets pretrained_cfg on every model
     mean = tuple(cfg.mean or pcfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.std or pcfg.get("std", (0.229, 0.224, 0.225)))
     if not cfg.normalize:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    img_size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else (cfg.img_size or 224)
-    spec = DataSpec(int(img_size), mean, std, int(model.num_features), len(getattr(model, "blocks", [])))
+    vit = cast("VisionTransformer", model)  # a timm ViT; the hasattr/getattr guards keep other models working
+    img_size = vit.patch_embed.img_size[0] if hasattr(model, "patch_embed") else (cfg.img_size or 224)
+    spec = DataSpec(int(img_size), mean, std, int(vit.num_features), len(getattr(model, "blocks", [])))
     return model, spec

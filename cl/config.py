@@ -170,7 +170,7 @@ def build_dataclass(cls: type, data: dict[str, Any] | None, section: str) -> Any
     kwargs = {}
     for k, v in data.items():
         tp = hints[k]
-        if is_dataclass(tp) and isinstance(v, dict):
+        if isinstance(tp, type) and is_dataclass(tp) and isinstance(v, dict):
             kwargs[k] = build_dataclass(tp, v, f"{section}.{k}")
         else:
             kwargs[k] = _coerce(v, tp, f"{section}.{k}")

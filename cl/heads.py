@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,8 @@ class PrototypeHead(nn.Module):
     Prototypes are buffers (never trained); :meth:`set_prototypes` writes rows for the given labels, growing as needed.
     """
 
+    prototypes: Tensor  # a buffer
+
     def __init__(self, in_features: int, metric: str = "cosine") -> None:
         super().__init__()
         if metric not in ("cosine", "euclidean"):
@@ -104,7 +107,11 @@ class PrototypeHead(nn.Module):
         }
 
 
-def head_from_spec(spec: dict) -> nn.Module:
+#: what ``CLModel.heads`` holds (``CosineHead`` is an ``IncrementalLinear``)
+Head: TypeAlias = IncrementalLinear | PrototypeHead
+
+
+def head_from_spec(spec: dict) -> Head:
     """Rebuild an (empty-valued) head of the right shape from :meth:`spec` (checkpoint resume)."""
     kind = spec["type"]
     if kind == "linear":

@@ -214,7 +214,7 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     """One pass over the test sets of tasks 0..upto (or all tasks if ``future``): per-task accuracy and retrieval."""
     tasks = stream.tasks if future else stream.tasks[: upto + 1]
     model.eval()
-    ds = ConcatDataset([t.test for t in tasks])
+    ds: ConcatDataset[tuple[Tensor, int]] = ConcatDataset([t.test for t in tasks])
     offsets = np.cumsum([0] + [t.num_classes for t in stream.tasks])
     preds, labels, task_preds, task_init = [], [], [], []
     extra_preds: dict[str, list[Tensor]] = {}
@@ -238,22 +238,23 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     for j, _ in enumerate(tasks):
         m = true_task == j
         row.append(float((pred_t[m] == y_t[m]).float().mean() * 100) if m.any() else None)
-    out: dict[str, Any] = {"row": row, "extra_rows": {}}
+    result: dict[str, Any] = {"row": row, "extra_rows": {}}
     for k, chunks in extra_preds.items():  # e.g. MOS's prototype-only and head-only class predictions
         ep = torch.cat(chunks)
-        out["extra_rows"][k] = [float((ep[true_task == j] == y_t[true_task == j]).float().mean() * 100)
-                                for j in range(len(tasks))]
+        result["extra_rows"][k] = [float((ep[true_task == j] == y_t[true_task == j]).float().mean() * 100)
+                                   for j in range(len(tasks))]
     if task_preds:
         tp = torch.cat(task_preds)
-        out["tra_row"] = [float((tp[true_task == j] == j).float().mean() * 100) for j in range(len(tasks))]
+        result["tra_row"] = [float((tp[true_task == j] == j).float().mean() * 100) for j in range(len(tasks))]
         correct_task = tp == true_task
-        out["acc_given_correct_task"] = (
+        result["acc_given_correct_task"] = (
             float((pred_t[correct_task] == y_t[correct_task]).float().mean() * 100) if correct_task.any() else None
         )
         if task_init:
             ti = torch.cat(task_init)
-            out["tra_initial_row"] = [float((ti[true_task == j] == j).float().mean() * 100) for j in range(len(tasks))]
-    return out
+            result["tra_initial_row"] = [float((ti[true_task == j] == j).float().mean() * 100)
+                                         for j in range(len(tasks))]
+    return result
 
 
 def build_model_and_stream(cfg: ExperimentConfig, device: torch.device) -> tuple[CLModel, Stream]:

@@ -8,7 +8,7 @@ through a changed timm ``forward``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -86,12 +86,16 @@ class ExpandableRouter(nn.Module):
         self.pending.append(col)
         return col
 
+    def pending_columns(self) -> list[nn.Linear]:
+        """The trainable columns added since the last :meth:`merge` (``pending`` holds only ``nn.Linear``)."""
+        return cast("list[nn.Linear]", list(self.pending))
+
     def merge(self) -> None:
         """Concatenate pending columns after the frozen ones and freeze everything."""
         if not len(self.pending):
             return
-        w = torch.cat([self.weight.data] + [c.weight.data for c in self.pending])
-        b = torch.cat([self.bias.data] + [c.bias.data for c in self.pending])
+        w = torch.cat([self.weight.data] + [c.weight.data for c in self.pending_columns()])
+        b = torch.cat([self.bias.data] + [c.bias.data for c in self.pending_columns()])
         self.weight = nn.Parameter(w, requires_grad=False)
         self.bias = nn.Parameter(b, requires_grad=False)
         self.pending = nn.ModuleList()

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
-from cl.adapters.base import AdapterConfig, adapter_from_spec
+from cl.adapters.base import Adapter, AdapterConfig, adapter_from_spec
 from cl.adapters.inject import AdaptedSite, block_of, build_adapters, site_key, unique_params
 from cl.backbone import DataSpec
-from cl.heads import head_from_spec
+from cl.heads import Head, head_from_spec
 from cl.mixture import ExpandableRouter, Route
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cl._typing import ModuleDictOf
+
 __all__ = ["CLModel"]
+
+H = TypeVar("H", bound=nn.Module)
 
 
 class CLModel(nn.Module):
@@ -25,12 +32,16 @@ class CLModel(nn.Module):
     The backbone stays in eval mode and ``requires_grad=False`` whatever ``train()`` is called with.
     """
 
+    mean: Tensor  # buffers registered in __init__
+    std: Tensor
+
     def __init__(self, backbone: nn.Module, spec: DataSpec) -> None:
         super().__init__()
-        self.backbone = backbone
+        # a timm ViT (``create_backbone``): embed/run_blocks/pool use its patch_embed, blocks, norm, forward_head
+        self.backbone = cast("VisionTransformer", backbone)
         self.spec = spec
-        self.sites = nn.ModuleDict()
-        self.heads = nn.ModuleDict()
+        self.sites = cast("ModuleDictOf[AdaptedSite]", nn.ModuleDict())
+        self.heads = cast("ModuleDictOf[Head]", nn.ModuleDict())
         self.extras = nn.ModuleDict()
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -70,6 +81,10 @@ class CLModel(nn.Module):
     def forward(self, x: Tensor, head: str = "main") -> Tensor:
         return self.heads[head](self.features(x))
 
+    def head(self, key: str, kind: type[H]) -> H:
+        """``heads[key]`` typed as the head class the strategy put there (a static cast: no runtime check)."""
+        return cast(H, self.heads[key])
+
     # --- adapters -----------------------------------------------------------------------------------------------
     def attach(self, type_name: str, cfg: AdapterConfig, name: str) -> list[str]:
         """Add adapter ``name`` of ``type_name`` at every site ``cfg`` targets; returns the site keys.
@@ -106,9 +121,9 @@ class CLModel(nn.Module):
         if not found:
             raise KeyError(f"no adapter named {name!r}")
 
-    def adapters(self, name: str | None = None, sites: list[str] | None = None) -> list[nn.Module]:
+    def adapters(self, name: str | None = None, sites: list[str] | None = None) -> list[Adapter]:
         """Adapter modules (of one name, or all) at the given sites (or all)."""
-        out = []
+        out: list[Adapter] = []
         for key, site in self.sites.items():
             if sites is not None and key not in sites:
                 continue
@@ -180,10 +195,10 @@ class CLModel(nn.Module):
                 block = self.backbone.get_submodule(s["target"])
                 if key not in self.sites:
                     cfg_probe = adapter_from_spec(a["type"], a["config"], 1, 1)
-                    if cfg_probe.placement == "parallel_mlp":
-                        fin = fout = int(block.norm2.normalized_shape[0])
-                    else:
-                        fin, fout = block.in_features, block.out_features
+                    if cfg_probe.placement == "parallel_mlp":  # a timm Block: the width of its norm2
+                        fin = fout = int(cast(nn.LayerNorm, block.norm2).normalized_shape[0])
+                    else:  # an nn.Linear
+                        fin, fout = cast(nn.Linear, block).in_features, cast(nn.Linear, block).out_features
                     site = AdaptedSite(s["target"], cfg_probe.placement, fin, fout)
                     site.install(self.backbone)
                     self.sites[key] = site

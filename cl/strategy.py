@@ -77,6 +77,7 @@ class Strategy:
     def loss(self, model: CLModel, batch: Batch, phase: Phase) -> StepOutput:
         """Default: CE over the seen classes with old classes masked (the PILOT-family convention)."""
         task = self.ctx.task
+        assert task is not None  # the loop sets ctx.task before training
         logits = model(batch.x)
         return StepOutput(masked_cross_entropy(logits, batch.y, task.labels[-1] + 1, task.label_offset))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,6 +23,10 @@ class ViewableDataset(Dataset, abc.ABC):
     """
 
     labels: Tensor
+
+    if TYPE_CHECKING:  # every subclass defines it (torch's Dataset does not declare it)
+
+        def __len__(self) -> int: ...
 
     @abc.abstractmethod
     def view(self, kind: Literal["train", "eval"]) -> ViewableDataset:
@@ -142,4 +146,5 @@ def labels_of(ds: Dataset) -> Tensor:
     labels = getattr(ds, "labels", None)
     if labels is not None:
         return torch.as_tensor(labels)
+    # torch's Dataset declares no __len__ (map-style datasets define it): the stub is narrower than the protocol
     return torch.tensor([int(ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]

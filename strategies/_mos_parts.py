@@ -9,7 +9,7 @@ self-refined adapter retrieval and the ensemble (§7).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -55,7 +55,7 @@ def merge_params_(params: Sequence[nn.Parameter], targets: Sequence[Tensor], bet
 
 
 @contextlib.contextmanager
-def merging_forward(blocks: Sequence[nn.Module], params: Sequence[nn.Parameter], targets: Sequence[Tensor],
+def merging_forward(blocks: Iterable[nn.Module], params: Sequence[nn.Parameter], targets: Sequence[Tensor],
                     beta: float) -> Iterator[None]:
     """Official-code merging inside a forward: before every block, merge *all* of ``params`` once (mos.md §5.2).
 
@@ -199,7 +199,7 @@ class PrototypeIndex:
     the full cosine logit vector the ensemble needs; classes the index did not return get ``-inf``.
     """
 
-    def __init__(self, backend: str, dim: int) -> None:
+    def __init__(self, backend: Literal["torch", "flat", "hnsw", "ivf"], dim: int) -> None:
         from cl.retrieval import IndexConfig, build_index
 
         self.backend = backend

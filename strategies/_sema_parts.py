@@ -35,6 +35,10 @@ class RepresentationDescriptor(nn.Module):
     and a ``frozen`` flag after which nothing is recorded any more.
     """
 
+    errors: Tensor  # buffers registered in __init__
+    num_recorded: Tensor
+    frozen: Tensor
+
     def __init__(self, in_features: int, rd_dim: int, capacity: int) -> None:
         super().__init__()
         if capacity <= 0:

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from cl.adapters import adapter_name
+from cl.config import StrategyConfig
 from cl.heads import IncrementalLinear
 from cl.mixture import Route
 from cl.model import CLModel
 from cl.strategy import Strategy, masked_cross_entropy, register_strategy
 from cl.types import Batch, Phase, StepOutput, Stream, Task
 from strategies._common import AdapterStrategyConfig, attach_set
+
+if TYPE_CHECKING:
+    from strategies.joint import JointConfig
 
 __all__ = ["FinetuneConfig", "FinetuneStrategy"]
 
@@ -31,8 +36,8 @@ class FinetuneConfig(AdapterStrategyConfig):
 
 @register_strategy("finetune")
 class FinetuneStrategy(Strategy):
-    config_cls = FinetuneConfig
-    cfg: FinetuneConfig  # JointStrategy reuses this class with a JointConfig
+    config_cls: ClassVar[type[StrategyConfig]] = FinetuneConfig
+    cfg: FinetuneConfig | JointConfig  # JointStrategy reuses this class with a JointConfig
 
     def setup(self, model: CLModel, stream: Stream) -> None:
         super().setup(model, stream)
@@ -41,7 +46,7 @@ class FinetuneStrategy(Strategy):
         model.heads["main"] = IncrementalLinear(model.spec.num_features).to(self.ctx.device)
 
     def before_task(self, model: CLModel, task: Task) -> None:
-        model.heads["main"].grow(task.num_classes)
+        model.head("main", IncrementalLinear).grow(task.num_classes)
 
     def phases(self, model: CLModel, task: Task) -> Iterator[Phase]:
         params = model.adapter_parameters() + list(model.heads["main"].parameters())
@@ -49,5 +54,6 @@ class FinetuneStrategy(Strategy):
 
     def loss(self, model: CLModel, batch: Batch, phase: Phase) -> StepOutput:
         task = self.ctx.task
+        assert task is not None  # the loop sets ctx.task before training
         old = task.label_offset if self.cfg.mask_old else 0
         return StepOutput(masked_cross_entropy(model(batch.x), batch.y, self.ctx.num_seen, old))

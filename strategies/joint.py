@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from torch import Tensor
 from torch.utils.data import ConcatDataset
 
 from cl.model import CLModel
@@ -33,6 +34,7 @@ class JointStrategy(FinetuneStrategy):
 
     def phases(self, model: CLModel, task: Task) -> Iterator[Phase]:
         assert self.stream is not None
-        union = ConcatDataset([t.train for t in self.stream.tasks[: task.task_id + 1]])
+        seen = [t.train for t in self.stream.tasks[: task.task_id + 1]]
+        union: ConcatDataset[tuple[Tensor, int]] = ConcatDataset(seen)
         params = model.adapter_parameters() + list(model.heads["main"].parameters())
         yield Phase("joint", params, self.cfg.epochs or self.ctx.train.epochs, data=union, lr=self.cfg.lr)

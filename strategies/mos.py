@@ -180,7 +180,7 @@ class MosStrategy(Strategy):
         b = task.task_id
         if b > 0:
             self.log_drift(model, "after_eval")
-        model.heads["main"].grow(task.num_classes)
+        model.head("main", IncrementalLinear).grow(task.num_classes)
         name = adapter_name(b)
         if name not in model.adapter_names():
             model.attach("bottleneck", self.adapter_config(), name)
@@ -233,6 +233,7 @@ class MosStrategy(Strategy):
                 feats = model.features(batch.x)
         else:
             feats = model.features(batch.x)
+        assert self.ctx.task is not None  # the loop sets ctx.task before training
         ce = masked_cross_entropy(head(feats), batch.y, num_seen, self.ctx.task.label_offset)
         return StepOutput(ce + self.cfg.reg * orth_loss(feats, old, self.cfg.orth_temperature))
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -53,10 +53,26 @@ from strategies._sema_parts import (
     z_scores,
 )
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block
+
+    from cl._typing import ModuleDictOf
+
 __all__ = ["SemaConfig", "SemaStrategy"]
 
 BASE = adapter_name(0)
 RD_KEY = "sema_rd"
+
+
+def _rd_lists(model: CLModel) -> ModuleDictOf[nn.ModuleList]:
+    """``model.extras[RD_KEY]``: ``str(block)`` -> the block's representation descriptors, oldest first."""
+    return cast("ModuleDictOf[nn.ModuleList]", model.extras[RD_KEY])
+
+
+def _rd_loss(rd_out: dict[int, Tensor] | None) -> Tensor:
+    """Sum over blocks of the summed per-descriptor mean RD errors (``rd_out`` holds at least one block)."""
+    assert rd_out is not None
+    return cast(Tensor, sum(e.mean(dim=1).sum() for e in rd_out.values()))
 
 
 @dataclass(frozen=True)
@@ -172,8 +188,8 @@ class SemaStrategy(Strategy):
             site = model.sites[self._site(b)]
             site.router = ExpandableRouter(d, columns=0, pending=1).to(device)  # the task-1 placeholder column
             site.route = Route.soft()
-            model.extras[RD_KEY][str(b)] = nn.ModuleList([self._new_rd(d)])
-            norm2 = model.backbone.blocks[b].norm2
+            _rd_lists(model)[str(b)] = nn.ModuleList([self._new_rd(d)])
+            norm2 = cast("Block", model.backbone.blocks[b]).norm2
             self._handles.append(norm2.register_forward_pre_hook(functools.partial(self._on_block_input, b)))
         model.heads["main"] = IncrementalLinear(d, stream.num_classes).to(device)
         self._model = model
@@ -190,9 +206,15 @@ class SemaStrategy(Strategy):
     def _site(block: int) -> str:
         return site_key(f"blocks.{block}")
 
+    def _router(self, model: CLModel, block: int) -> ExpandableRouter:
+        """The router of an expandable block (``setup`` gave every expandable block one)."""
+        router = model.sites[self._site(block)].router
+        assert router is not None
+        return router
+
     def rds(self, model: CLModel, block: int) -> list[RepresentationDescriptor]:
         """The representation descriptors of an expandable block, oldest first."""
-        return list(model.extras[RD_KEY][str(block)])
+        return cast("list[RepresentationDescriptor]", list(_rd_lists(model)[str(block)]))
 
     # --- the block-input hook (RD errors from the same forward; detection) ----------------------------------------
     def _on_block_input(self, block: int, _module: nn.Module, args: tuple) -> None:
@@ -315,7 +337,7 @@ class SemaStrategy(Strategy):
         if self.cfg.router_init == "match_old_bias" and router.bias.numel():
             with torch.no_grad():
                 col.bias.fill_(float(router.bias.mean()))
-        model.extras[RD_KEY][str(block)].append(self._new_rd(model.spec.num_features))
+        _rd_lists(model)[str(block)].append(self._new_rd(model.spec.num_features))
         self._expanded.add(block)
         self._added[block] = 1
         self._new = {block: name}
@@ -327,11 +349,13 @@ class SemaStrategy(Strategy):
         for block, name in self._new.items():
             cls_params += model.adapter_parameters(name, [self._site(block)])
         for block in cfg.expandable_blocks:
-            cls_params += list(model.sites[self._site(block)].router.pending.parameters())
+            cls_params += list(self._router(model, block).pending.parameters())
         cls_params += list(model.heads["main"].parameters())
         rd_params = [p for b in cfg.expandable_blocks for rd in self.rds(model, b) if not rd.is_frozen
                      for p in rd.parameters()]
-        self._stats.trainable_params_per_round.append(sum(p.numel() for p in cls_params + rd_params))
+        per_round = self._stats.trainable_params_per_round
+        assert per_round is not None  # phases() starts every task with a list
+        per_round.append(sum(p.numel() for p in cls_params + rd_params))
         # merge() below frees the pending router columns; keeping them alive until the task ends stops a later
         # parameter from reusing their id(), which the loop uses to count trained parameters and key its shuffles
         self._keepalive += cls_params
@@ -344,7 +368,7 @@ class SemaStrategy(Strategy):
         for block in cfg.expandable_blocks:
             for rd in self.rds(model, block):
                 rd.freeze()
-            model.sites[self._site(block)].router.merge()
+            self._router(model, block).merge()
         self._new = {}
         self._stats.training_rounds += 1
 
@@ -352,6 +376,7 @@ class SemaStrategy(Strategy):
     def loss(self, model: CLModel, batch: Batch, phase: Phase) -> StepOutput:
         task = self.ctx.task
         assert task is not None
+        rd_out: dict[int, Tensor] | None
         if phase.name == "sema_rd":
             blocks = [b for b in self.cfg.expandable_blocks if any(not rd.is_frozen for rd in self.rds(model, b))]
             self._rd_out, self._stop_at = {}, max(blocks)
@@ -361,7 +386,7 @@ class SemaStrategy(Strategy):
                 pass
             finally:
                 rd_out, self._rd_out, self._stop_at = self._rd_out, None, None
-            rd_loss = sum(e.mean(dim=1).sum() for e in rd_out.values())
+            rd_loss = _rd_loss(rd_out)
             return StepOutput(rd_loss, {"rd": float(rd_loss.detach())})
         joint = phase.name == "sema_joint"
         self._rd_out = {} if joint else None
@@ -372,13 +397,13 @@ class SemaStrategy(Strategy):
         ce = masked_cross_entropy(logits, batch.y, self.ctx.num_seen, task.label_offset)
         if not joint:
             return StepOutput(ce, {"ce": float(ce.detach())})
-        rd_loss = sum(e.mean(dim=1).sum() for e in rd_out.values())
+        rd_loss = _rd_loss(rd_out)
         return StepOutput(ce + rd_loss, {"ce": float(ce.detach()), "rd": float(rd_loss.detach())})
 
     # --- after the task ---------------------------------------------------------------------------------------------
     def after_task(self, model: CLModel, task: Task) -> None:
         blocks = self.cfg.expandable_blocks
-        routers = {b: model.sites[self._site(b)].router for b in blocks}
+        routers = {b: self._router(model, b) for b in blocks}
         self.ctx.event(
             "sema_task",
             training_rounds=self._stats.training_rounds,
@@ -418,7 +443,7 @@ class SemaStrategy(Strategy):
 
     def rebuild(self, model: CLModel, meta: dict[str, Any]) -> None:
         for block, count in meta["rd_counts"].items():
-            rds = model.extras[RD_KEY][block]
+            rds = _rd_lists(model)[block]
             while len(rds) < count:
                 rds.append(self._new_rd(model.spec.num_features))
 

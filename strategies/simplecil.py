@@ -31,6 +31,7 @@ class SimplecilConfig(StrategyConfig):
 @register_strategy("simplecil")
 class SimplecilStrategy(Strategy):
     config_cls = SimplecilConfig
+    cfg: SimplecilConfig
 
     def setup(self, model: CLModel, stream: Stream) -> None:
         super().setup(model, stream)
@@ -40,7 +41,7 @@ class SimplecilStrategy(Strategy):
         feats, labels = self.ctx.extract(model, task.train.view("eval"), desc=f"prototypes task {task.task_id}")
         uniq = labels.unique()
         means = torch.stack([feats[labels == c].mean(0) for c in uniq])
-        model.heads["proto"].set_prototypes(uniq, means)
+        model.head("proto", PrototypeHead).set_prototypes(uniq, means)
 
     def predict(self, model: CLModel, x: Tensor) -> Tensor:
         return model.heads["proto"](model.features(x))[:, : self.ctx.num_seen]

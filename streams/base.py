@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 Augment = Literal["none", "flip", "pilot"]
+IntsLike = Sequence[int] | np.ndarray  # indices or labels: a list of ints or an integer array
 
 
 class MissingDatasetError(FileNotFoundError):
@@ -161,8 +162,8 @@ class ImageDataset(ViewableDataset):
     def __init__(
         self,
         source: ArraySource | FileSource,
-        indices: Sequence[int],
-        labels: Sequence[int],
+        indices: IntsLike,
+        labels: IntsLike,
         image_size: int,
         augment: Augment = "none",
         kind: Literal["train", "eval"] = "eval",
@@ -257,11 +258,11 @@ def assemble_stream(
     *,
     num_classes: int,
     train_source: ArraySource | FileSource,
-    train_labels: Sequence[int],
+    train_labels: IntsLike,
     test_source: ArraySource | FileSource,
-    test_labels: Sequence[int],
+    test_labels: IntsLike,
     image_size: int,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | np.ndarray | None = None,
     natural_order: bool = False,
     meta: dict | None = None,
     task_transform: Callable[[int, ImageDataset], ImageDataset] | None = None,
@@ -272,27 +273,27 @@ def assemble_stream(
     position in the order). ``natural_order`` forces the unshuffled order (ImageNet-A, VTAB in the PILOT code) unless
     the config gives an explicit order.
     """
-    train_labels = np.asarray(train_labels, dtype=np.int64)
-    test_labels = np.asarray(test_labels, dtype=np.int64)
-    for split, lab in (("train", train_labels), ("test", test_labels)):
+    train_y = np.asarray(train_labels, dtype=np.int64)
+    test_y = np.asarray(test_labels, dtype=np.int64)
+    for split, lab in (("train", train_y), ("test", test_y)):
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
             raise ValueError(f"{cfg.name}: {split} labels must lie in 0..{num_classes - 1}")
     seed = None if (natural_order and cfg.class_order is None) else cfg.order_seed
     order = class_order(num_classes, seed, cfg.class_order)
     rank = np.empty(num_classes, dtype=np.int64)
     rank[np.asarray(order)] = np.arange(num_classes)
-    tr_keep = per_class_subset(train_labels, cfg.train_per_class, cfg.subset_seed)
-    te_keep = per_class_subset(test_labels, cfg.test_per_class, cfg.subset_seed + 1)
+    tr_keep = per_class_subset(train_y, cfg.train_per_class, cfg.subset_seed)
+    te_keep = per_class_subset(test_y, cfg.test_per_class, cfg.subset_seed + 1)
     tasks = []
     offset = 0
     for t, cls in enumerate(split_classes(order, cfg.init_classes, cfg.increment)):
         cls_set = np.asarray(cls)
-        tr = tr_keep[np.isin(train_labels[tr_keep], cls_set)]
-        te = te_keep[np.isin(test_labels[te_keep], cls_set)]
+        tr = tr_keep[np.isin(train_y[tr_keep], cls_set)]
+        te = te_keep[np.isin(test_y[te_keep], cls_set)]
         train_ds = ImageDataset(
-            train_source, tr, rank[train_labels[tr]], image_size, cfg.augment, "train", cfg.cache, aug_seed=t
+            train_source, tr, rank[train_y[tr]], image_size, cfg.augment, "train", cfg.cache, aug_seed=t
         )
-        test_ds = ImageDataset(test_source, te, rank[test_labels[te]], image_size, "none", "eval", cfg.cache)
+        test_ds = ImageDataset(test_source, te, rank[test_y[te]], image_size, "none", "eval", cfg.cache)
         if task_transform is not None:
             train_ds, test_ds = task_transform(t, train_ds), task_transform(t, test_ds)
         tasks.append(Task(t, [int(c) for c in cls], list(range(offset, offset + len(cls))), train_ds, test_ds))

@@ -64,7 +64,9 @@ def _split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels  # (N, 32, 32, 3)
 
 
-def load_cifar100(root: str | Path, download: bool = False) -> tuple[np.ndarray, ...]:
+def load_cifar100(
+    root: str | Path, download: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Return ``(train_x, train_y, test_x, test_y, class_names)``; images uint8 ``(N, 32, 32, 3)``.
 
     Raises:

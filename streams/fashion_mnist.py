@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -141,8 +142,9 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = False) -
         )
     out = []
     for split in ("train", "test"):
-        x = read_idx(_file(folder, _STEMS[split, "images"]), "images")
-        y = read_idx(_file(folder, _STEMS[split, "labels"]), "labels", len(x)).astype(np.int64)
+        # find_fashion_mnist checked that all four files exist
+        x = read_idx(cast(Path, _file(folder, _STEMS[split, "images"])), "images")
+        y = read_idx(cast(Path, _file(folder, _STEMS[split, "labels"])), "labels", len(x)).astype(np.int64)
         out += [x, y]
     return tuple(out)
 

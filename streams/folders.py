@@ -117,7 +117,9 @@ _LISTS = ("train_list.txt", "val_list.txt")
 
 def _read_list(list_file: Path, base: Path) -> tuple[list[str], list[int], dict[int, str]]:
     """Parse ``<relative path> <label>`` lines; paths resolve against ``base``; returns paths, labels, label->wnid."""
-    paths, labels, names = [], [], {}
+    paths: list[str] = []
+    labels: list[int] = []
+    names: dict[int, str] = {}
     with open(list_file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():

@@ -99,8 +99,8 @@ def make_synthetic_arrays(cfg: SyntheticConfig, class_domains: np.ndarray) -> tu
     """Generate ``(train_x, train_y, test_x, test_y)`` uint8 arrays; ``class_domains[c]`` = domain of class c."""
     rng = np.random.default_rng(cfg.data_seed)
     params = _class_params(cfg.num_classes, rng)
-    xs = {"train": [], "test": []}
-    ys = {"train": [], "test": []}
+    xs: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    ys: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     for c, p in enumerate(params):
         style = _domain_style(int(class_domains[c]), cfg.native_size)
         for split, n in (("train", cfg.train_images_per_class), ("test", cfg.test_images_per_class)):

@@ -47,6 +47,7 @@ class Adapter(nn.Module, abc.ABC):
 
     placement: ClassVar[Placement]
     config_cls: ClassVar[type[AdapterConfig]]
+    type_name: ClassVar[str]  # set by @register_adapter
 
     def __init__(self, in_features: int, out_features: int, cfg: AdapterConfig) -> None:
         super().__init__()
@@ -71,7 +72,7 @@ def register_adapter(name: str):
 
     def deco(cls: type[Adapter]) -> type[Adapter]:
         ADAPTERS.add(name, AdapterSpec(name, cls.config_cls, cls))
-        cls.type_name = name  # type: ignore[attr-defined]
+        cls.type_name = name
         return cls
 
     return deco

@@ -8,8 +8,9 @@ dropout; MOS applies scale 0.1 and dropout 0.1: both are config fields.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ class BottleneckConfig(AdapterConfig):
 class BottleneckAdapter(Adapter):
     placement = "parallel_mlp"
     config_cls = BottleneckConfig
+    cfg: BottleneckConfig
 
     def __init__(self, in_features: int, out_features: int, cfg: BottleneckConfig) -> None:
         super().__init__(in_features, out_features, cfg)
@@ -78,9 +80,11 @@ def stacked_bottleneck(adapters: list[BottleneckAdapter], x: Tensor) -> Tensor:
     return out * adapters[0].scale
 
 
-def can_stack(adapters: list[nn.Module], training: bool) -> bool:
-    if len(adapters) < 2 or not all(isinstance(a, BottleneckAdapter) for a in adapters):
+def can_stack(adapters: Sequence[nn.Module], training: bool) -> TypeGuard[list[BottleneckAdapter]]:
+    """Whether :func:`stacked_bottleneck` may replace the per-adapter forwards (narrows ``adapters`` when true)."""
+    bottlenecks = [a for a in adapters if isinstance(a, BottleneckAdapter)]
+    if len(adapters) < 2 or len(bottlenecks) != len(adapters):
         return False
-    cfg = adapters[0].cfg
-    same = all(a.cfg == cfg for a in adapters)  # type: ignore[union-attr]
-    return same and cfg.layernorm == "none" and not (training and cfg.dropout > 0)  # type: ignore[union-attr]
+    cfg = bottlenecks[0].cfg
+    same = all(a.cfg == cfg for a in bottlenecks)
+    return same and cfg.layernorm == "none" and not (training and cfg.dropout > 0)

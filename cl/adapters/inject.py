@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
 from cl.adapters.base import Adapter, AdapterConfig, AdapterSpec
 from cl.adapters.bottleneck import can_stack, stacked_bottleneck
-from cl.mixture import Route, mix
+from cl.mixture import ExpandableRouter, Route, mix
 from cl.registries import ADAPTERS
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block
+
+    from cl._typing import ModuleDictOf
 
 __all__ = ["AdaptedSite", "match_targets", "site_key", "adapter_name"]
 
@@ -87,8 +93,8 @@ class AdaptedSite(nn.Module):
         self.placement = placement
         self.in_features = in_features
         self.out_features = out_features
-        self.adapters = nn.ModuleDict()
-        self.router: nn.Module | None = None
+        self.adapters = cast("ModuleDictOf[Adapter]", nn.ModuleDict())
+        self.router: ExpandableRouter | None = None
         self.route: Route = Route.sum()
         self._captured: Tensor | None = None
         self._handles: list = []
@@ -142,7 +148,7 @@ class AdaptedSite(nn.Module):
         if self._handles:
             return
         if self.placement == "parallel_mlp":
-            block = backbone.get_submodule(self.target)
+            block = cast("Block", backbone.get_submodule(self.target))
             out_mod = block.ls2 if hasattr(block, "ls2") else block.mlp
             self._handles.append(block.norm2.register_forward_pre_hook(self._capture))
             self._handles.append(out_mod.register_forward_hook(self._add_captured))

@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from cl.config import ExperimentConfig, config_to_dict, load_config
 from cl.loop import Session, derive_seed, load_run_checkpoint, resolve_device, rng_scope, save_run_checkpoint
 from cl.plugins import load_builtin
 from cl.types import Prediction, Stream, Task, ViewableDataset, labels_of
+
+if TYPE_CHECKING:
+    from cl.model import CLModel
 
 __all__ = ["ClsimStrategy", "avalanche_to_stream", "stream_to_avalanche", "ExpansionMetric", "TaskRetrievalMetric",
            "save_clsim_checkpoint", "load_clsim_checkpoint"]
@@ -172,24 +175,24 @@ def _stream_from(train_exps: list[Any], test_exps: list[Any], image_size: int | 
     order = [c for g in groups for c in g]
     label_of = {c: i for i, c in enumerate(order)}
     tasks, offset = [], 0
-    for t, (cls, exp) in enumerate(zip(groups, train_exps, strict=True)):
+    for t, (group, exp) in enumerate(zip(groups, train_exps, strict=True)):
         parts = []
         for te in test_exps:
             targets = np.asarray([int(c) for c in te.dataset.targets])
-            keep = np.flatnonzero(np.isin(targets, cls))
+            keep = np.flatnonzero(np.isin(targets, group))
             if len(keep) == len(targets):
                 parts.append(te.dataset)
             elif len(keep):
                 parts.append(te.dataset.subset(keep.tolist()))
         if test_exps and not parts:
-            raise ValueError(f"no test samples for the classes {cls} of experience {t}")
+            raise ValueError(f"no test samples for the classes {group} of experience {t}")
         test = parts[0] if parts else exp.dataset.subset([])
         for p in parts[1:]:
             test = test.concat(p)
-        tasks.append(Task(t, cls, list(range(offset, offset + len(cls))),
+        tasks.append(Task(t, group, list(range(offset, offset + len(group))),
                           AvalancheView(exp.dataset, label_of, image_size, "train"),
                           AvalancheView(test, label_of, image_size, "eval")))
-        offset += len(cls)
+        offset += len(group)
     return Stream(name, tasks, len(order), order, image_size=image_size or 0)
 
 
@@ -302,8 +305,8 @@ class ClsimStrategy(SupervisedTemplate):
         with rng_scope(cfg.seed, resolve_device(cfg.train.device)):
             session = Session.create(cfg, stream=stream)
         stream.image_size = size = session.model.spec.img_size
-        for t in stream.tasks:
-            t.train.image_size = t.test.image_size = size
+        for t in stream.tasks:  # built by avalanche_to_stream: AvalancheView datasets
+            cast(AvalancheView, t.train).image_size = cast(AvalancheView, t.test).image_size = size
         return session
 
     # --- state ----------------------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ class ClsimStrategy(SupervisedTemplate):
         return self._box.cfg
 
     @property
-    def model(self) -> nn.Module:  # not in __dict__: Avalanche checkpoints pickle the session box instead
+    def model(self) -> CLModel:  # not in __dict__: Avalanche checkpoints pickle the session box instead
         return self._box.session.model
 
     @model.setter
