@@ -43,6 +43,7 @@ class CLModel(nn.Module):
         self.sites = cast("ModuleDictOf[AdaptedSite]", nn.ModuleDict())
         self.heads = cast("ModuleDictOf[Head]", nn.ModuleDict())
         self.extras = nn.ModuleDict()
+        self._original_weights: dict[str, Tensor] = {}  # base weights of linears with merged adapters
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
@@ -107,8 +108,58 @@ class CLModel(nn.Module):
             self.sites[key].add(name, adapter)
         return keys
 
+    def merge(self, name: str, safe: bool = True) -> list[str]:
+        """Fold adapter ``name`` into the weights of the linears it adapts (LoRA), for faster inference.
+
+        Only linear-mergeable adapters (with ``delta_weight()``) can be merged. With ``safe`` every update is computed
+        and checked for non-finite values before any weight changes. Routes then skip the merged adapter at those
+        sites (``select``/``sum``); :meth:`unmerge` restores the original weights exactly. Returns the site keys.
+        """
+        keys = [k for k, site in self.sites.items() if name in site.adapters]
+        if not keys:
+            raise KeyError(f"no adapter named {name!r}")
+        updates: dict[str, Tensor] = {}
+        for key in keys:
+            adapter = self.sites[key].adapters[name]
+            delta_weight = getattr(adapter, "delta_weight", None)
+            if self.sites[key].placement != "linear" or delta_weight is None:
+                raise TypeError(f"adapter {name!r} at {self.sites[key].target} is not linear-mergeable")
+            if name in self.sites[key].merged:
+                raise ValueError(f"adapter {name!r} is already merged at {self.sites[key].target}")
+            with torch.no_grad():
+                updates[key] = delta_weight().detach()
+            if safe and not torch.isfinite(updates[key]).all():
+                raise ValueError(f"adapter {name!r} has non-finite values at {self.sites[key].target}; not merged")
+        for key, update in updates.items():
+            site = self.sites[key]
+            weight = cast(nn.Linear, self.backbone.get_submodule(site.target)).weight
+            if key not in self._original_weights:
+                self._original_weights[key] = weight.detach().clone()
+            with torch.no_grad():
+                weight.add_(update.to(weight.dtype))
+            site.merged.add(name)
+        return keys
+
+    def unmerge(self, name: str) -> None:
+        """Undo :meth:`merge`: restore the original weights exactly, re-applying other still-merged adapters."""
+        keys = [k for k, site in self.sites.items() if name in site.merged]
+        if not keys:
+            raise KeyError(f"adapter {name!r} is not merged anywhere")
+        for key in keys:
+            site = self.sites[key]
+            site.merged.discard(name)
+            weight = cast(nn.Linear, self.backbone.get_submodule(site.target)).weight
+            with torch.no_grad():
+                weight.copy_(self._original_weights[key])
+                for other in sorted(site.merged):
+                    weight.add_(cast(Any, site.adapters[other]).delta_weight().to(weight.dtype))
+            if not site.merged:
+                del self._original_weights[key]
+
     def delete(self, name: str) -> None:
-        """Remove adapter ``name`` everywhere (sites left empty are uninstalled)."""
+        """Remove adapter ``name`` everywhere (sites left empty are uninstalled); a merged one is unmerged first."""
+        if any(name in site.merged for site in self.sites.values()):
+            self.unmerge(name)
         found = False
         for key in list(self.sites):
             site = self.sites[key]

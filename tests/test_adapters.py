@@ -148,3 +148,33 @@ def test_expandable_router_growth_keeps_old_columns():
     assert r.weight.shape == (2, 16) and not r.weight.requires_grad
     assert torch.equal(r.weight[0], old_w[0]) and torch.equal(r.bias[0], old_b[0])
     assert r(torch.randn(2, 7, 16)).shape == (2, 2)  # token inputs are mean-pooled
+
+
+def test_lora_merge_equals_unmerged_and_unmerge_restores_exactly(tiny_model):
+    x = _x()
+    base = {k: v.clone() for k, v in tiny_model.backbone.state_dict().items()}
+    tiny_model.attach("lora", _cfg("lora", blocks=(0, 2)), "t000")
+    tiny_model.attach("lora", _cfg("lora", blocks=(2,)), "t001")
+    _perturb(tiny_model.adapter_parameters())
+    with tiny_model.routing(Route.sum()):
+        unmerged = tiny_model.features(x)
+        tiny_model.merge("t000")
+        tiny_model.merge("t001")
+        assert torch.allclose(tiny_model.features(x), unmerged, atol=1e-5)
+        tiny_model.unmerge("t000")
+        assert torch.allclose(tiny_model.features(x), unmerged, atol=1e-5)
+    tiny_model.unmerge("t001")
+    assert all(torch.equal(base[k], v) for k, v in tiny_model.backbone.state_dict().items())
+    with pytest.raises(TypeError, match="not linear-mergeable"):
+        tiny_model.attach("bottleneck", _cfg("bottleneck", blocks=(1,)), "t002")
+        tiny_model.merge("t002")
+
+
+def test_safe_merge_rejects_non_finite_without_touching_weights(tiny_model):
+    base = {k: v.clone() for k, v in tiny_model.backbone.state_dict().items()}
+    tiny_model.attach("lora", _cfg("lora", blocks=(0,)), "t000")
+    with torch.no_grad():
+        tiny_model.adapter_parameters("t000")[-1].fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        tiny_model.merge("t000")
+    assert all(torch.equal(base[k], v) for k, v in tiny_model.backbone.state_dict().items())

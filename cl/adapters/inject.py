@@ -98,6 +98,8 @@ class AdaptedSite(nn.Module):
         self.route: Route = Route.sum()
         self._captured: Tensor | None = None
         self._handles: list = []
+        #: adapters folded into the base layer's weight (``CLModel.merge``); routes skip them
+        self.merged: set[str] = set()
 
     def add(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
@@ -113,11 +115,14 @@ class AdaptedSite(nn.Module):
         if route.kind == "off" or not len(self.adapters):
             return None
         names = list(route.names) or self.names()
-        if route.kind == "select":  # a site without that adapter adds nothing
-            return self.adapters[names[0]](x) if names[0] in self.adapters else None
+        if route.kind in ("soft", "per_sample") and self.merged & set(names):
+            raise ValueError(f"{self.target}: merged adapters {sorted(self.merged)} cannot be routed per sample; "
+                             f"unmerge them first")
+        if route.kind == "select":  # a site without that adapter (or with it merged) adds nothing here
+            return self.adapters[names[0]](x) if names[0] in self.adapters and names[0] not in self.merged else None
         if route.kind == "sum":
             out = None
-            for n in (n for n in names if n in self.adapters):
+            for n in (n for n in names if n in self.adapters and n not in self.merged):
                 d = self.adapters[n](x)
                 out = d if out is None else out + d
             return out
