@@ -282,6 +282,7 @@ def _versions() -> dict[str, str]:
 
 
 def _config_hash(cfg_dict: dict[str, Any]) -> str:
+    """Hash of the settings that shape results; progress bars and worker counts may change on resume."""
     keep = json.loads(json.dumps(cfg_dict))
     keep.get("train", {}).pop("progress", None)
     keep.get("train", {}).pop("num_workers", None)
