@@ -21,7 +21,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cl.registry import RegistryError
     from streams.base import MissingDatasetError
 
-    return ConfigError, RegistryError, MissingDatasetError, BackboneError
+    # FileNotFoundError: e.g. `clsim report` on folders without result.json (MissingDatasetError is one too)
+    return ConfigError, RegistryError, MissingDatasetError, BackboneError, FileNotFoundError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -71,3 +71,9 @@ def test_cli_exit_code_2_and_one_line(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert str(tmp_path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_report_without_runs_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cl.cli", "report", str(tmp_path / "none"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no result.json found" in proc.stderr and "Traceback" not in proc.stderr
