@@ -341,7 +341,10 @@ class Session:
         return sum(p.numel() for p in trained.values())
 
     def evaluate(self, upto: int, future: bool = False) -> dict[str, Any]:
-        return _evaluate(self.model, self.strategy, self.stream, upto, self.ctx, future)
+        """Evaluate on the test sets of tasks ``0..upto`` (all tasks if ``future``), then ``strategy.after_eval``."""
+        result = _evaluate(self.model, self.strategy, self.stream, upto, self.ctx, future)
+        self.strategy.after_eval(self.model, self.stream.tasks[upto])
+        return result
 
 
 def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[..., Any] | None = None,

@@ -84,6 +84,9 @@ class Strategy:
     def after_task(self, model: CLModel, task: Task) -> None:
         """Freeze, merge, compute statistics, update indexes."""
 
+    def after_eval(self, model: CLModel, task: Task) -> None:
+        """Called after the evaluation that follows ``task`` (diagnostics that need the evaluated model)."""
+
     def predict(self, model: CLModel, x: Tensor) -> Tensor | Prediction:
         """Logits over all classes seen so far (class-incremental: no task id)."""
         return model(x)[:, : self.ctx.num_seen]

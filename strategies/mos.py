@@ -26,7 +26,7 @@ Deviations and switches (mos.md §10):
   and a seeded generator instead of ``MultivariateNormal.sample`` on the global RNG.
 - The loop only scores ``task_pred`` / ``task_pred_initial``; the prototype-only and head-only predictions are
   returned in ``Prediction.extras`` (``proto_pred``, ``head_pred``) for a loop that scores them. The adapter drift
-  ‖θ_t − θ_0^snap‖ is logged (``mos_adapter_drift``) before each evaluation and after it (at the next task start).
+  ‖θ_t − θ_0^snap‖ is logged (``mos_adapter_drift``) before each evaluation and after it.
 """
 
 from __future__ import annotations
@@ -178,8 +178,6 @@ class MosStrategy(Strategy):
 
     def before_task(self, model: CLModel, task: Task) -> None:
         b = task.task_id
-        if b > 0:
-            self.log_drift(model, "after_eval")
         model.head("main", IncrementalLinear).grow(task.num_classes)
         name = adapter_name(b)
         if name not in model.adapter_names():
@@ -291,6 +289,9 @@ class MosStrategy(Strategy):
         self.proto.add(classes, torch.stack([feats[labels == c].float().mean(0) for c in classes]))
         self._proto_feats = None
         self.log_drift(model, "before_eval")
+
+    def after_eval(self, model: CLModel, task: Task) -> None:
+        self.log_drift(model, "after_eval")  # official mode mutates stored snapshots during evaluation
 
     # --- inference ----------------------------------------------------------------------------------------------
     @torch.no_grad()
