@@ -226,6 +226,9 @@ def test_smoke_run_logs_task_retrieval(smoke_config):
     assert result["expansion"]["expansion_rate"] == pytest.approx(1.0)
     drift = [json.loads(r) for r in (run_dir_of(cfg) / "metrics.jsonl").read_text().splitlines()]
     assert any(r["event"] == "mos_adapter_drift" for r in drift)
+    after = [r for r in drift if r["event"] == "mos_adapter_drift" and r["when"] == "after_eval"]
+    assert [r["task"] for r in after] == [0, 1, 2]  # right after every evaluation, the last one included
+    assert set(saved["extra_accuracy_matrices"]) >= {"proto_pred", "head_pred"}
 
 
 def test_checkpoint_resume_equals_uninterrupted_run(smoke_config, monkeypatch):
