@@ -107,7 +107,11 @@ class RunContext:
             return iterable
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        # iterate our own iterator: handing a DataLoader to tqdm changes the order its seeded generator yields,
+        # which would make results depend on whether progress bars are shown
+        return tqdm(iter(iterable), desc=desc, total=total, leave=False, dynamic_ncols=True)
 
     @torch.no_grad()
     def extract(self, model: CLModel, dataset: Dataset, fn: Callable[[Tensor], Tensor] | None = None,

@@ -92,3 +92,9 @@ def test_interrupted_run_resumes_to_the_same_result(smoke_config, tmp_path, monk
 def test_bf16_autocast_runs(smoke_config, tmp_path):
     res = loop.run(smoke_config("strategy.name=finetune", f"out={tmp_path}", "train.bf16=true", "train.epochs=1"))
     assert len(res["accuracy_matrix"]) == 3
+
+
+def test_progress_bars_do_not_change_results(smoke_config, tmp_path):
+    quiet = loop.run(smoke_config("strategy.name=finetune", f"out={tmp_path}/a", "train.progress=false"))
+    shown = loop.run(smoke_config("strategy.name=finetune", f"out={tmp_path}/b", "train.progress=true"))
+    assert quiet["accuracy_matrix"] == shown["accuracy_matrix"]
