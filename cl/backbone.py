@@ -24,16 +24,14 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from cl.errors import BackboneError
+
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
 
 __all__ = ["BackboneConfig", "BackboneError", "DataSpec", "create_backbone", "load_weights_file"]
 
 log = logging.getLogger(__name__)
-
-
-class BackboneError(RuntimeError):
-    """A backbone could not be created or loaded; the message is one line saying what to do."""
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,10 @@ log = logging.getLogger("clsim")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from cl.backbone import BackboneError
-    from cl.config import ConfigError
-    from cl.registry import RegistryError
-    from streams.base import MissingDatasetError
+    from cl.errors import ClsimError
 
-    # FileNotFoundError: e.g. `clsim report` on folders without result.json (MissingDatasetError is one too)
-    return ConfigError, RegistryError, MissingDatasetError, BackboneError, FileNotFoundError
+    # FileNotFoundError: e.g. `clsim report` on folders without result.json
+    return ClsimError, FileNotFoundError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

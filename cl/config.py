@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from cl.backbone import BackboneConfig
+from cl.errors import ConfigError
 from cl.registries import STRATEGIES, STREAMS
 from cl.registry import RegistryError
 
@@ -32,10 +33,6 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration problem; ``str(err)`` is one line naming the key and the valid choices."""
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IncrementalLinear", "CosineHead", "PrototypeHead", "head_from_spec"]
+__all__ = ["IncrementalLinear", "CosineHead", "PrototypeHead", "TaskHeads", "head_from_spec"]
 
 
 class IncrementalLinear(nn.Module):
@@ -107,8 +107,76 @@ class PrototypeHead(nn.Module):
         }
 
 
+class TaskHeads(nn.Module):
+    """One linear head per task over that task's classes; ``forward`` concatenates the logits of every task head.
+
+    LAE's ``DynamicSimpleHead`` (gqk/LAE ``libml/model/head/dynamic_simple.py``) and MHR-CIL's per-task heads
+    (mhr.md B.3). Task ``t``'s logits are columns :meth:`task_slice` ``(t)`` of the output, so a task's head can be
+    trained, frozen and excluded from weight decay on its own (:meth:`task_parameters`).
+
+    Args:
+        in_features: feature width d.
+        init_std: ``None`` = ``nn.Linear``'s default init; otherwise weights ~ N(0, init_std^2) and zero bias (LAE:
+            0.001).
+        bias: whether the task heads have a bias.
+    """
+
+    def __init__(self, in_features: int, init_std: float | None = None, bias: bool = True) -> None:
+        super().__init__()
+        if init_std is not None and not init_std > 0:
+            raise ValueError(f"init_std must be positive or None, got {init_std}")
+        self.in_features = in_features
+        self.init_std = init_std
+        self.bias = bias
+        self.heads = nn.ModuleList()
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.heads)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [cast(nn.Linear, h).out_features for h in self.heads]
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.sizes)
+
+    def add_task(self, num_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
+        """Append the head of a new task with ``num_classes`` outputs; returns it (trainable)."""
+        if num_classes <= 0:
+            raise ValueError(f"a task head needs at least one class, got {num_classes}")
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        head = nn.Linear(self.in_features, num_classes, bias=self.bias, device=device)
+        if self.init_std is not None:
+            with torch.no_grad():
+                head.weight.normal_(0.0, self.init_std, generator=generator)
+                if head.bias is not None:
+                    head.bias.zero_()
+        self.heads.append(head)
+        return head
+
+    def task_slice(self, task_id: int) -> slice:
+        """Columns of task ``task_id`` in the concatenated logits."""
+        start = sum(self.sizes[:task_id])
+        return slice(start, start + self.sizes[task_id])
+
+    def task_parameters(self, task_id: int) -> list[nn.Parameter]:
+        return list(self.heads[task_id].parameters())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, d) -> (B, sum of task sizes)``: every task head's logits, in task order."""
+        if not len(self.heads):
+            return x.new_zeros(x.shape[0], 0)
+        return torch.cat([cast(nn.Linear, h)(x) for h in self.heads], dim=-1)
+
+    def spec(self) -> dict:
+        return {"type": "task_linear", "in_features": self.in_features, "sizes": self.sizes, "bias": self.bias,
+                "init_std": self.init_std}
+
+
 #: what ``CLModel.heads`` holds (``CosineHead`` is an ``IncrementalLinear``)
-Head: TypeAlias = IncrementalLinear | PrototypeHead
+Head: TypeAlias = IncrementalLinear | PrototypeHead | TaskHeads
 
 
 def head_from_spec(spec: dict) -> Head:
@@ -118,8 +186,13 @@ def head_from_spec(spec: dict) -> Head:
         return IncrementalLinear(spec["in_features"], spec["out_features"], bias=spec.get("bias", True))
     if kind == "cosine":
         return CosineHead(spec["in_features"], spec["out_features"])
+    if kind == "task_linear":
+        heads = TaskHeads(spec["in_features"], spec.get("init_std"), bias=spec.get("bias", True))
+        for n in spec["sizes"]:
+            heads.add_task(n)
+        return heads
     if kind == "prototype":
         head = PrototypeHead(spec["in_features"], spec.get("metric", "cosine"))
         head.prototypes = torch.zeros(spec["out_features"], spec["in_features"])
         return head
-    raise ValueError(f"unknown head type {kind!r}; valid choices: linear, cosine, prototype")
+    raise ValueError(f"unknown head type {kind!r}; valid choices: linear, cosine, prototype, task_linear")

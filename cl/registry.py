@@ -9,13 +9,15 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from cl.errors import ClsimError
+
 __all__ = ["Registry", "RegistryError"]
 
 T = TypeVar("T")
 _KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class RegistryError(KeyError):
+class RegistryError(ClsimError, KeyError):
     """Unknown or duplicate registry key. ``str(err)`` is one line naming the valid choices."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want plain text

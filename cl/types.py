@@ -32,6 +32,15 @@ class ViewableDataset(Dataset, abc.ABC):
     def view(self, kind: Literal["train", "eval"]) -> ViewableDataset:
         """The same samples with the training or the evaluation transform."""
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether item ``i`` is the same tensor every time it is read (no random augmentation in this view).
+
+        Frozen-computation caches may only reuse outputs computed from a deterministic view. Subclasses that know
+        better override it; the default is the safe answer.
+        """
+        return False
+
 
 @dataclass
 class Task:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl.errors import MissingDatasetError
 from cl.types import Stream, Task, ViewableDataset
 from streams.split import class_order, split_classes
 
@@ -34,10 +35,6 @@ __all__ = [
 
 Augment = Literal["none", "flip", "pilot"]
 IntsLike = Sequence[int] | np.ndarray  # indices or labels: a list of ints or an integer array
-
-
-class MissingDatasetError(FileNotFoundError):
-    """A dataset root lacks the expected files. The message names the paths tried and how to obtain the data."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +182,10 @@ class ImageDataset(ViewableDataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def deterministic(self) -> bool:
+        return self.kind == "eval" or self.augment == "none"
 
     def view(self, kind: Literal["train", "eval"]) -> ImageDataset:
         return ImageDataset(

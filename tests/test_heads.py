@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cl.heads import CosineHead, IncrementalLinear, PrototypeHead, head_from_spec
+from cl.heads import CosineHead, IncrementalLinear, PrototypeHead, TaskHeads, head_from_spec
 
 
 def test_incremental_linear_grows_and_keeps_old_rows():
@@ -36,3 +36,19 @@ def test_prototype_head_nearest_mean():
     e = PrototypeHead(2, metric="euclidean")
     e.set_prototypes(torch.tensor([0, 1]), torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
     assert e(torch.tensor([[1.0, 1.0]])).argmax(1).item() == 0
+
+
+def test_task_heads_concatenate_slices_and_rebuild():
+    h = TaskHeads(8, init_std=0.001)
+    first = h.add_task(3)
+    assert float(first.weight.detach().std()) < 0.01 and torch.equal(first.bias, torch.zeros(3))
+    h.add_task(2)
+    x = torch.randn(4, 8)
+    out = h(x)
+    assert out.shape == (4, 5) and h.task_slice(1) == slice(3, 5)
+    assert torch.equal(out[:, h.task_slice(1)], h.heads[1](x))
+    assert [p.shape for p in h.task_parameters(0)] == [(3, 8), (3,)]
+    rebuilt = head_from_spec(h.spec())
+    rebuilt.load_state_dict(h.state_dict())
+    assert torch.equal(rebuilt(x), out)
+    assert TaskHeads(8)(x).shape == (4, 0)
