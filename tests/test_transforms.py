@@ -201,3 +201,31 @@ def test_file_source_decodes_through_the_same_rules(tmp_path):
     src = FileSource([path])
     src.check([0])
     assert torch.equal(src.load(0), to_chw_image(torch.full((4, 5), 131, dtype=torch.uint8)))
+
+
+def test_augmented_run_is_the_same_with_workers_and_after_resume(smoke_config, tmp_path, monkeypatch):
+    """RandomResizedCrop + flip in the loop: 0 or 2 DataLoader workers and an interrupted-then-resumed run all give
+    the full run's result (augmentation is seeded per run, task, phase, epoch and sample)."""
+    from cl import loop
+
+    base = ["strategy.name=finetune", "stream.augment=crop", "train.epochs=1", "stream.train_images_per_class=4",
+            "stream.test_images_per_class=2", "train.checkpoint=true"]
+    no_figures = {"figures": lambda r, d: []}
+    full = loop.run(smoke_config(*base, f"out={tmp_path}/full"), **no_figures)
+    workers = loop.run(smoke_config(*base, "train.num_workers=2", f"out={tmp_path}/workers"), **no_figures)
+    assert workers["accuracy_matrix"] == full["accuracy_matrix"]
+
+    cfg = smoke_config(*base, f"out={tmp_path}/cut")
+    real_eval = loop._evaluate
+
+    def dying_eval(model, strategy, stream, upto, ctx, future):
+        if upto == 1:
+            raise KeyboardInterrupt
+        return real_eval(model, strategy, stream, upto, ctx, future)
+
+    monkeypatch.setattr(loop, "_evaluate", dying_eval)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(cfg, **no_figures)
+    monkeypatch.setattr(loop, "_evaluate", real_eval)
+    resumed = loop.run(cfg, resume=True, **no_figures)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
