@@ -44,6 +44,7 @@ with warnings.catch_warnings():  # avalanche warns at import that the optional Q
 from cl.config import ExperimentConfig, config_to_dict, load_config
 from cl.loop import Session, derive_seed, load_run_checkpoint, resolve_device, rng_scope, save_run_checkpoint
 from cl.plugins import load_builtin
+from cl.strategy import check_loss_classes
 from cl.transforms import Preprocessing, mix_seed, to_chw_image
 from cl.types import Prediction, Stream, Task, ViewableDataset, labels_of
 
@@ -76,6 +77,10 @@ class AvalancheView(ViewableDataset):
     size (PIL, numpy, uint8 or float tensors) become ``(3, S, S)``. Datasets made by :func:`stream_to_avalanche`
     already yield clsim views and pass unchanged. The train view's randomness is seeded per sample and per epoch
     (``set_augmentation_seed``, called by the loop). ``prep=None`` only converts to 3 channels.
+
+    Limitation: the clsim views inside a :func:`stream_to_avalanche` benchmark are out of the loop's reach, so with a
+    random train view (``augment: flip | crop``) they keep their first epoch's augmentation in every epoch; such runs
+    match ``clsim run`` only with ``augment: none``.
     """
 
     def __init__(self, data: Any, label_of: dict[int, int], prep: Preprocessing | None, kind: str = "train",
@@ -413,6 +418,7 @@ class ClsimStrategy(SupervisedTemplate):
         task = Task(done, new, list(range(offset, offset + len(new))),
                     AvalancheView(experience.dataset, label_of, prep, "train", aug_seed=done),
                     AvalancheView(experience.dataset, label_of, prep, "eval", aug_seed=done))
+        check_loss_classes(self.session.strategy, stream, [task])
         stream.tasks.append(task)
         stream.class_order += new
         stream.num_classes = max(stream.num_classes, len(stream.class_order))
