@@ -30,7 +30,8 @@ from cl.config import ExperimentConfig, TrainConfig, config_to_dict
 from cl.model import CLModel
 from cl.registries import STRATEGIES, STREAMS
 from cl.runlog import JsonlLog, atomic_write_json
-from cl.strategy import Strategy
+from cl.strategy import Strategy, check_loss_classes
+from cl.transforms import set_augmentation_seed
 from cl.types import Batch, Phase, Prediction, Stream, Task
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "resolve_device",
     "rng_scope",
     "derive_seed",
+    "percent_correct",
     "save_run_checkpoint",
     "load_run_checkpoint",
 ]
@@ -179,6 +181,8 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
     model.train()
     step = 0
     for epoch in range(phase.epochs):
+        # augmentation seed per (run seed, task, phase, epoch): set before the loader forks its workers
+        set_augmentation_seed(data, derive_seed(ctx.seed, task.task_id, phase.name, index, epoch))
         total, count = 0.0, 0
         bar = ctx.progress(loader, f"task {task.task_id} {phase.name} ep {epoch + 1}/{phase.epochs}")
         for x, y in bar:
@@ -238,27 +242,28 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
                     extra_preds.setdefault(k, []).append(v.cpu())
     pred_t, y_t = torch.cat(preds), torch.cat(labels)
     true_task = torch.as_tensor(np.searchsorted(offsets, y_t.numpy(), side="right") - 1)
-    row: list[float | None] = []
-    for j, _ in enumerate(tasks):
-        m = true_task == j
-        row.append(float((pred_t[m] == y_t[m]).float().mean() * 100) if m.any() else None)
+    row = [percent_correct(pred_t[true_task == j] == y_t[true_task == j]) for j in range(len(tasks))]
     result: dict[str, Any] = {"row": row, "extra_rows": {}}
     for k, chunks in extra_preds.items():  # e.g. MOS's prototype-only and head-only class predictions
         ep = torch.cat(chunks)
-        result["extra_rows"][k] = [float((ep[true_task == j] == y_t[true_task == j]).float().mean() * 100)
+        result["extra_rows"][k] = [percent_correct(ep[true_task == j] == y_t[true_task == j])
                                    for j in range(len(tasks))]
     if task_preds:
         tp = torch.cat(task_preds)
-        result["tra_row"] = [float((tp[true_task == j] == j).float().mean() * 100) for j in range(len(tasks))]
+        result["tra_row"] = [percent_correct(tp[true_task == j] == j) for j in range(len(tasks))]
         correct_task = tp == true_task
-        result["acc_given_correct_task"] = (
-            float((pred_t[correct_task] == y_t[correct_task]).float().mean() * 100) if correct_task.any() else None
-        )
+        result["acc_given_correct_task"] = percent_correct(pred_t[correct_task] == y_t[correct_task])
         if task_init:
             ti = torch.cat(task_init)
-            result["tra_initial_row"] = [float((ti[true_task == j] == j).float().mean() * 100)
-                                         for j in range(len(tasks))]
+            result["tra_initial_row"] = [percent_correct(ti[true_task == j] == j) for j in range(len(tasks))]
     return result
+
+
+def percent_correct(hits: Tensor) -> float | None:
+    """``100 * correct / total`` from a boolean tensor, computed exactly from the integer counts in float64
+    (11 of 12 -> 91.66666666666667); ``None`` for an empty tensor."""
+    total = int(hits.numel())
+    return 100.0 * int(hits.sum()) / total if total else None
 
 
 def build_model_and_stream(cfg: ExperimentConfig, device: torch.device) -> tuple[CLModel, Stream]:
@@ -324,6 +329,7 @@ class Session:
             model = CLModel(backbone, spec).to(device)
         ctx.stream = stream
         strategy: Strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, ctx)
+        check_loss_classes(strategy, stream)
         strategy.setup(model, stream)
         return cls(model, stream, strategy, ctx)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cl.config import StrategyConfig
+from cl.errors import ConfigError
 from cl.registries import STRATEGIES
 from cl.types import Batch, Phase, Prediction, StepOutput, Stream, Task
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from cl.loop import RunContext
     from cl.model import CLModel
 
-__all__ = ["Strategy", "register_strategy", "masked_cross_entropy"]
+__all__ = ["Strategy", "register_strategy", "masked_cross_entropy", "check_loss_classes"]
 
 
 def register_strategy(name: str):
@@ -81,6 +82,15 @@ class Strategy:
         logits = model(batch.x)
         return StepOutput(masked_cross_entropy(logits, batch.y, task.labels[-1] + 1, task.label_offset))
 
+    def loss_classes(self, stream: Stream, task: Task) -> int | None:
+        """How many classes the training loss of ``task`` tells apart (``None``: no classification loss to check).
+
+        Default: the task's own classes, since old classes are masked (the PILOT-family convention of :meth:`loss`).
+        A strategy whose cross-entropy covers every seen class returns ``stream.seen_labels(task.task_id)``. A value of
+        1 means an identically zero loss: :func:`check_loss_classes` refuses such a stream before anything trains.
+        """
+        return task.num_classes
+
     def after_task(self, model: CLModel, task: Task) -> None:
         """Freeze, merge, compute statistics, update indexes."""
 
@@ -115,6 +125,24 @@ class Strategy:
 
     def load_state(self, model: CLModel, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         """Restore what :meth:`state` returned."""
+
+
+def check_loss_classes(strategy: Strategy, stream: Stream, tasks: list[Task] | None = None) -> None:
+    """Refuse tasks whose training loss would separate a single class (old classes masked, one new class: the
+    cross-entropy is identically zero and nothing would be learnt). Called when a session is built.
+
+    Raises:
+        ConfigError: one line naming those tasks and their classes.
+    """
+    bad = [t for t in (stream.tasks if tasks is None else tasks) if strategy.loss_classes(stream, t) == 1]
+    if not bad:
+        return
+    names = stream.class_names
+    what = "; ".join(f"task {t.task_id} (class {t.class_ids[0]}{f' {names[t.class_ids[0]]}' if names else ''})"
+                     for t in bad)
+    raise ConfigError(f"stream: {what} would train strategy {strategy.name or type(strategy).__name__} on a single "
+                      f"class, whose masked cross-entropy is identically zero; choose stream.init_classes / "
+                      f"stream.increment so that every task has at least 2 classes")
 
 
 def tensor_features(model: CLModel, x: Tensor) -> Tensor:

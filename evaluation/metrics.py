@@ -285,7 +285,7 @@ def task_retrieval_accuracy(true_task: Sequence[int], pred_task: Sequence[int]) 
     true_arr, pred_arr = _task_arrays(true_task, pred_task)
     if true_arr.size == 0:
         return None
-    return float(100.0 * np.mean(true_arr == pred_arr))
+    return 100.0 * int(np.count_nonzero(true_arr == pred_arr)) / true_arr.size
 
 
 def task_retrieval_per_task(true_task: Sequence[int], pred_task: Sequence[int], num_tasks: int) -> list[float | None]:
@@ -299,7 +299,7 @@ def task_retrieval_per_task(true_task: Sequence[int], pred_task: Sequence[int], 
     out: list[float | None] = []
     for j in range(num_tasks):
         mask = true_arr == j
-        out.append(float(100.0 * np.mean(pred_arr[mask] == j)) if mask.any() else None)
+        out.append(100.0 * int(np.count_nonzero(pred_arr[mask] == j)) / int(mask.sum()) if mask.any() else None)
     return out
 
 
@@ -318,7 +318,7 @@ def acc_given_correct_task(true_task: Sequence[int], pred_task: Sequence[int], c
     hit = true_arr == pred_arr
     if not hit.any():
         return None
-    return float(100.0 * correct_arr[hit].mean())
+    return 100.0 * int(np.count_nonzero(correct_arr[hit])) / int(hit.sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

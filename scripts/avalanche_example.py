@@ -21,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tensor_benchmark(stream):
-    """The same images as plain tensors -> Avalanche's ``class_incremental_benchmark`` (original class ids)."""
+    """The same images as plain tensors -> Avalanche's ``class_incremental_benchmark`` (original class ids).
+
+    The tensors are the decoded images before any preprocessing (``ImageDataset.raw``, all of one size here): the
+    bridge applies clsim's train and eval views (``cl.transforms``) to them, as ``clsim run`` does.
+    """
     from avalanche.benchmarks.scenarios import class_incremental_benchmark
     from avalanche.benchmarks.utils import DataAttribute, make_avalanche_dataset
     from torch.utils.data import TensorDataset
@@ -30,12 +34,12 @@ def tensor_benchmark(stream):
         xs, ys = [], []
         for t in stream.tasks:
             ds = getattr(t, split)
-            xs += [ds[i][0] for i in range(len(ds))]
+            xs += [ds.raw(i) for i in range(len(ds))]
             ys += [stream.class_order[int(v)] for v in ds.labels]
         y = torch.tensor(ys)
         return make_avalanche_dataset(TensorDataset(torch.stack(xs), y), data_attributes=[DataAttribute(ys, "targets")])
 
-    sizes = [len(t.class_ids) for t in stream.tasks]  # num_classes_per_exp keeps a larger last task
+    sizes = [len(t.class_ids) for t in stream.tasks]  # num_classes_per_exp keeps the smaller last task
     return class_incremental_benchmark({"train": dataset("train"), "test": dataset("test")},
                                        class_order=list(stream.class_order), num_classes_per_exp=sizes)
 

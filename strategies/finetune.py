@@ -52,6 +52,9 @@ class FinetuneStrategy(Strategy):
         params = model.adapter_parameters() + list(model.heads["main"].parameters())
         yield Phase("adapters", params, self.cfg.epochs or self.ctx.train.epochs, lr=self.cfg.lr)
 
+    def loss_classes(self, stream: Stream, task: Task) -> int | None:
+        return task.num_classes if self.cfg.mask_old else stream.seen_labels(task.task_id)
+
     def loss(self, model: CLModel, batch: Batch, phase: Phase) -> StepOutput:
         task = self.ctx.task
         assert task is not None  # the loop sets ctx.task before training

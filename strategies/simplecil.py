@@ -37,6 +37,9 @@ class SimplecilStrategy(Strategy):
         super().setup(model, stream)
         model.heads["proto"] = PrototypeHead(model.spec.num_features, self.cfg.metric).to(self.ctx.device)
 
+    def loss_classes(self, stream: Stream, task: Task) -> int | None:
+        return None  # nothing is trained: prototypes only
+
     def after_task(self, model: CLModel, task: Task) -> None:
         feats, labels = self.ctx.extract(model, task.train.view("eval"), desc=f"prototypes task {task.task_id}")
         uniq = labels.unique()

@@ -1,24 +1,27 @@
-"""Building blocks shared by every stream: stream configs, lazy image datasets, and stream assembly.
+"""Building blocks shared by every stream: stream configs and stream assembly (splits, checks, preprocessing).
 
-Datasets yield ``(uint8 tensor (3, S, S), incremental label)``: images are resized to the backbone's input size ``S``
-(and cached when small), while normalisation runs on the device inside the model (``cl.model.CLModel``), which keeps
-decoding and float conversion off the data-loading hot path.
+Datasets yield ``(uint8 tensor (3, S, S), incremental label)`` for the backbone's input size ``S``: images are
+decoded once, cached as uint8 under a memory cap, and preprocessed per sample by :mod:`cl.transforms` (the official
+PILOT or LAE pipelines, ``stream.transform``); normalisation runs on the device inside the model
+(``cl.model.CLModel``). Sources, the cache and the dataset class live in :mod:`streams.dataset`.
+
+:func:`assemble_stream` checks the data before anything trains: every file is scanned (header + ``verify``), and a
+task without test images or a class without train or test images stops with one line naming the task, its classes
+and the folders looked at.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from cl.errors import MissingDatasetError
-from cl.types import Stream, Task, ViewableDataset
+from cl.errors import DataError, MissingDatasetError
+from cl.transforms import Augment, Interpolation, Preprocessing, TransformName
+from cl.types import Stream, Task
+from streams.dataset import ArraySource, FileSource, ImageCache, ImageDataset, IntsLike
 from streams.split import class_order, split_classes
 
 __all__ = [
@@ -31,10 +34,10 @@ __all__ = [
     "MissingDatasetError",
     "StreamSpec",
     "register_stream",
+    "stream_preprocessing",
 ]
 
-Augment = Literal["none", "flip", "pilot"]
-IntsLike = Sequence[int] | np.ndarray  # indices or labels: a list of ints or an integer array
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,23 @@ class StreamConfig:
         name: registry name of the stream.
         root: dataset root directory (file-based streams).
         init_classes: classes in the first task (0 = ``increment``).
-        increment: classes per later task; a remainder goes to the last task.
+        increment: classes per later task. Counts that do not divide follow PILOT's rule
+            (``utils/data_manager.py``): ``increment`` while a full task fits, then one smaller last task.
         order_seed: class-order permutation seed (PILOT default 1993); ``None`` = natural order.
         class_order: explicit class order (overrides ``order_seed``).
         train_per_class / test_per_class: keep at most this many images per class (seeded subset), ``None`` = all.
         subset_seed: seed for the per-class subsets.
-        augment: training augmentation: none, flip, or pilot (RandomResizedCrop(scale 0.05-1) + flip).
-        cache: cache resized images in memory (uint8) after first use.
+        transform: preprocessing pipeline (:mod:`cl.transforms`): ``pilot`` (PILOT, SEMA, MOS), ``lae`` (LAE), or
+            ``none`` (a plain square resize, no crop).
+        augment: training view: ``none`` (= the eval view: deterministic), ``flip``, or ``crop``
+            (``RandomResizedCrop`` + flip of the chosen pipeline; ``pilot`` is a legacy name of ``crop``).
+        interpolation: ``bilinear`` / ``bicubic`` for both views (``None`` = the pipeline's own).
+        crop_ratio: eval ``S / resize`` in (0, 1] (``None`` = the pipeline's, 224/256 for pilot and lae).
+        cache: cache decoded / preprocessed uint8 images in memory.
+        cache_mb: memory cap of that cache in MiB per process (``None`` = unbounded); once full, images are decoded
+            on demand. An eval view costs ``3 * S * S`` bytes (147 KiB at S = 224).
+        check_files: scan every image file when the stream is built (header and ``verify``), so an undecodable file
+            stops the run before training.
     """
 
     name: str = "synthetic"
@@ -63,180 +76,31 @@ class StreamConfig:
     train_per_class: int | None = None
     test_per_class: int | None = None
     subset_seed: int = 0
+    transform: TransformName = "pilot"
     augment: Augment = "none"
+    interpolation: Interpolation | None = None
+    crop_ratio: float | None = None
     cache: bool = True
+    cache_mb: float | None = 4096.0
+    check_files: bool = True
 
     def __post_init__(self) -> None:
         if self.increment <= 0:
             raise ValueError(f"stream.increment must be positive, got {self.increment}")
         if self.init_classes < 0:
             raise ValueError(f"stream.init_classes must be >= 0, got {self.init_classes}")
-        if self.augment not in ("none", "flip", "pilot"):
-            raise ValueError(f"stream.augment={self.augment!r}; valid choices: none, flip, pilot")
+        Preprocessing(1, self.transform, self.augment, self.interpolation, self.crop_ratio)  # validates the fields
+        if self.cache_mb is not None and self.cache_mb < 0:
+            raise ValueError(f"stream.cache_mb must be >= 0 or null, got {self.cache_mb}")
         for key in ("train_per_class", "test_per_class"):
             v = getattr(self, key)
             if v is not None and v <= 0:
                 raise ValueError(f"stream.{key} must be positive or null, got {v}")
 
 
-class ArraySource:
-    """Images held in memory as a uint8 array ``(N, H, W)`` or ``(N, H, W, C)``."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise ValueError(f"ArraySource needs uint8 (N,H,W[,C]) images, got {images.dtype} {images.shape}")
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def load(self, i: int) -> Tensor:
-        img = torch.from_numpy(np.ascontiguousarray(self.images[i]))
-        if img.ndim == 2:
-            img = img.unsqueeze(-1)
-        return _to_rgb_chw(img.permute(2, 0, 1))
-
-
-class FileSource:
-    """Images on disk, decoded lazily with Pillow."""
-
-    def __init__(self, paths: Sequence[str | Path]) -> None:
-        self.paths = [str(p) for p in paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, i: int) -> Tensor:
-        from PIL import Image
-
-        with Image.open(self.paths[i]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-def _to_rgb_chw(img: Tensor) -> Tensor:
-    if img.shape[0] == 1:
-        return img.expand(3, -1, -1).contiguous()
-    if img.shape[0] == 4:
-        return img[:3].contiguous()
-    return img
-
-
-def _resize(img: Tensor, size: int) -> Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size), bicubic with antialias (a plain resize, no crop)."""
-    if img.shape[-2:] == (size, size):
-        return img
-    out = F.interpolate(
-        img.unsqueeze(0).float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False
-    )
-    return out.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _random_resized_crop(img: Tensor, size: int) -> Tensor:
-    """RandomResizedCrop(size, scale=(0.05, 1), ratio=(3/4, 4/3)) on a uint8 (3, H, W) tensor (PILOT transform)."""
-    _, h, w = img.shape
-    area = h * w
-    for _ in range(10):
-        target = area * float(torch.empty(1).uniform_(0.05, 1.0))
-        log_r = float(torch.empty(1).uniform_(np.log(3 / 4), np.log(4 / 3)))
-        ratio = float(np.exp(log_r))
-        cw = int(round((target * ratio) ** 0.5))
-        ch = int(round((target / ratio) ** 0.5))
-        if 0 < cw <= w and 0 < ch <= h:
-            top = int(torch.randint(0, h - ch + 1, (1,)))
-            left = int(torch.randint(0, w - cw + 1, (1,)))
-            return _resize(img[:, top : top + ch, left : left + cw], size)
-    return _resize(img, size)
-
-
-class ImageDataset(ViewableDataset):
-    """Lazy image dataset over a source, with incremental labels and a train or eval view.
-
-    Resized images are cached (uint8) on first use when ``cache`` is on; the cache is shared between views.
-    With ``augment="none"`` the train view is deterministic.
-    """
-
-    def __init__(
-        self,
-        source: ArraySource | FileSource,
-        indices: IntsLike,
-        labels: IntsLike,
-        image_size: int,
-        augment: Augment = "none",
-        kind: Literal["train", "eval"] = "eval",
-        cache: bool = True,
-        aug_seed: int = 0,
-        _shared: dict | None = None,
-    ) -> None:
-        if len(indices) != len(labels):
-            raise ValueError("indices and labels differ in length")
-        self.source = source
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        self.image_size = int(image_size)
-        self.augment = augment
-        self.kind = kind
-        self.cache = cache
-        self.aug_seed = aug_seed
-        self._shared = _shared if _shared is not None else {"resized": {}}
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    @property
-    def deterministic(self) -> bool:
-        return self.kind == "eval" or self.augment == "none"
-
-    def view(self, kind: Literal["train", "eval"]) -> ImageDataset:
-        return ImageDataset(
-            self.source,
-            self.indices,
-            self.labels.tolist(),
-            self.image_size,
-            self.augment,
-            kind,
-            self.cache,
-            self.aug_seed,
-            self._shared,
-        )
-
-    def subset(self, positions: Sequence[int]) -> ImageDataset:
-        pos = np.asarray(positions, dtype=np.int64)
-        return ImageDataset(
-            self.source,
-            self.indices[pos],
-            self.labels[pos].tolist(),
-            self.image_size,
-            self.augment,
-            self.kind,
-            self.cache,
-            self.aug_seed,
-            self._shared,
-        )
-
-    def _resized(self, src_index: int) -> Tensor:
-        cache = self._shared["resized"]
-        if self.cache and src_index in cache:
-            return cache[src_index]
-        img = _resize(self.source.load(src_index), self.image_size)
-        if self.cache:
-            cache[src_index] = img
-        return img
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        src = int(self.indices[i])
-        label = int(self.labels[i])
-        if self.kind == "eval" or self.augment == "none":
-            return self._resized(src), label
-        # Augmentation draws from torch's RNG of the current process: the loop reseeds it per task (and DataLoader
-        # workers get derived seeds), so runs and resumed runs are reproducible.
-        if self.augment == "pilot":
-            img = _random_resized_crop(self.source.load(src), self.image_size)
-        else:
-            img = self._resized(src)
-        if float(torch.rand(1)) < 0.5:
-            img = img.flip(-1)
-        return img, label
+def stream_preprocessing(cfg: StreamConfig, image_size: int) -> Preprocessing:
+    """The :class:`~cl.transforms.Preprocessing` a stream config selects for input size ``image_size``."""
+    return Preprocessing.from_config(cfg, image_size)
 
 
 def per_class_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
@@ -254,6 +118,28 @@ def per_class_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np
     return np.sort(np.concatenate(keep)) if keep else np.arange(0)
 
 
+def _class_label(c: int, class_names: Sequence[str] | np.ndarray | None) -> str:
+    return f"{c} ({class_names[c]})" if class_names is not None else str(c)
+
+
+def _check_split(cfg: StreamConfig, groups: list[list[int]], train_y: np.ndarray, test_y: np.ndarray,
+                 class_names: Sequence[str] | np.ndarray | None, locations: Mapping[str, str]) -> None:
+    """Every class of every task has train and test images, else one line naming the task, classes and folders."""
+    n_train = np.bincount(train_y, minlength=max(max(c for g in groups for c in g) + 1, 1))
+    n_test = np.bincount(test_y, minlength=len(n_train))
+    for t, cls in enumerate(groups):
+        classes = ", ".join(_class_label(c, class_names) for c in cls)
+        for split, counts in (("test", n_test), ("train", n_train)):
+            empty = [c for c in cls if counts[c] == 0]
+            if not empty:
+                continue
+            what = (f"no {split} images" if len(empty) == len(cls) else
+                    f"no {split} images for class{'es' if len(empty) > 1 else ''} "
+                    f"{', '.join(_class_label(c, class_names) for c in empty)}")
+            raise DataError(f"{cfg.name}: task {t} (classes {classes}) has {what}; looked in "
+                            f"{locations.get(split, 'the ' + split + ' split')}")
+
+
 def assemble_stream(
     cfg: StreamConfig,
     *,
@@ -267,12 +153,18 @@ def assemble_stream(
     natural_order: bool = False,
     meta: dict | None = None,
     task_transform: Callable[[int, ImageDataset], ImageDataset] | None = None,
+    locations: Mapping[str, str] | None = None,
 ) -> Stream:
     """Turn a labelled train/test pair into a class-incremental :class:`Stream`.
 
     Labels are original class ids ``0..num_classes-1``; each task's datasets carry incremental labels (the class's
     position in the order). ``natural_order`` forces the unshuffled order (ImageNet-A, VTAB in the PILOT code) unless
-    the config gives an explicit order.
+    the config gives an explicit order. ``locations`` (``{"train": ..., "test": ...}``) name where the images were
+    looked for, for error messages.
+
+    Raises:
+        DataError: a class of some task has no train or no test images (one line naming the task, its classes and
+            the folders looked at), or a file cannot be decoded (``cannot decode <path> (<reason>)``).
     """
     train_y = np.asarray(train_labels, dtype=np.int64)
     test_y = np.asarray(test_labels, dtype=np.int64)
@@ -285,16 +177,25 @@ def assemble_stream(
     rank[np.asarray(order)] = np.arange(num_classes)
     tr_keep = per_class_subset(train_y, cfg.train_per_class, cfg.subset_seed)
     te_keep = per_class_subset(test_y, cfg.test_per_class, cfg.subset_seed + 1)
+    groups = split_classes(order, cfg.init_classes, cfg.increment)
+    root = (meta or {}).get("root")
+    where = dict(locations or ({"train": str(root), "test": str(root)} if root else {}))
+    _check_split(cfg, groups, train_y[tr_keep], test_y[te_keep], class_names, where)
+    if cfg.check_files:
+        train_source.check(tr_keep)
+        test_source.check(te_keep)
+    log.info("%s: %d tasks of %s classes", cfg.name, len(groups), [len(g) for g in groups])
+    prep = stream_preprocessing(cfg, image_size)
+    test_prep = Preprocessing(image_size, prep.transform, "none", prep.interpolation, prep.crop_ratio)
+    cache = ImageCache(None if cfg.cache_mb is None else int(cfg.cache_mb * 2**20)) if cfg.cache else None
     tasks = []
     offset = 0
-    for t, cls in enumerate(split_classes(order, cfg.init_classes, cfg.increment)):
+    for t, cls in enumerate(groups):
         cls_set = np.asarray(cls)
         tr = tr_keep[np.isin(train_y[tr_keep], cls_set)]
         te = te_keep[np.isin(test_y[te_keep], cls_set)]
-        train_ds = ImageDataset(
-            train_source, tr, rank[train_y[tr]], image_size, cfg.augment, "train", cfg.cache, aug_seed=t
-        )
-        test_ds = ImageDataset(test_source, te, rank[test_y[te]], image_size, "none", "eval", cfg.cache)
+        train_ds = ImageDataset(train_source, tr, rank[train_y[tr]], prep, "train", cache, aug_seed=t, split="train")
+        test_ds = ImageDataset(test_source, te, rank[test_y[te]], test_prep, "eval", cache, aug_seed=t, split="test")
         if task_transform is not None:
             train_ds, test_ds = task_transform(t, train_ds), task_transform(t, test_ds)
         tasks.append(Task(t, [int(c) for c in cls], list(range(offset, offset + len(cls))), train_ds, test_ds))
@@ -306,7 +207,8 @@ def assemble_stream(
         class_order=order,
         class_names=list(class_names) if class_names is not None else None,
         image_size=image_size,
-        meta=dict(meta or {}),
+        meta={**(meta or {}), "task_sizes": [len(g) for g in groups], "transform": prep.transform,
+              "augment": prep.augment},
     )
 
 

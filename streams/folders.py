@@ -167,6 +167,7 @@ def _build_from_lists(cfg: StreamConfig, image_size: int, lists_dir: Path, base:
         image_size=image_size,
         class_names=[names[k] for k in range(expected)],
         meta={"root": str(base), "layout": "lists"},
+        locations={"train": str(lists_dir / _LISTS[0]), "test": str(lists_dir / _LISTS[1])},
     )
 
 

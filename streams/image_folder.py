@@ -68,6 +68,7 @@ def build_folder_stream(
         class_names=classes,
         natural_order=natural_order,
         meta={"root": str(base)},
+        locations={"train": f"{train_dir}/<class>/", "test": f"{test_dir}/<class>/"},
     )
 
 

@@ -30,9 +30,14 @@ def class_order(num_classes: int, order_seed: int | None = 1993, explicit: Seque
 
 
 def task_sizes(num_classes: int, init_classes: int, increment: int) -> list[int]:
-    """Classes per task: ``init_classes`` first (0 means ``increment``), then ``increment`` each.
+    """Classes per task by LAMDA-PILOT's rule (``utils/data_manager.py``, ``DataManager.__init__``).
 
-    A remainder smaller than ``increment`` is added to the last task (never dropped).
+    The first task has ``init_classes`` (0 means ``increment``); then tasks of ``increment`` follow while a full
+    one fits; the classes left over form one smaller last task (never dropped, never merged into a bigger one):
+    5 classes, B4 Inc2 -> ``[4, 1]``; 7 classes, Inc2 -> ``[2, 2, 2, 1]``. Counts that divide evenly give equal tasks.
+
+    Raises:
+        ValueError: ``increment`` is not positive or ``init_classes`` exceeds ``num_classes``.
     """
     if increment <= 0:
         raise ValueError(f"increment must be positive, got {increment}")
@@ -40,12 +45,10 @@ def task_sizes(num_classes: int, init_classes: int, increment: int) -> list[int]
     if first > num_classes:
         raise ValueError(f"init_classes={first} exceeds the {num_classes} classes of the dataset")
     sizes = [first]
-    left = num_classes - first
-    while left >= increment:
+    while sum(sizes) + increment < num_classes:
         sizes.append(increment)
-        left -= increment
-    if left:
-        sizes[-1] += left
+    if num_classes - sum(sizes) > 0:
+        sizes.append(num_classes - sum(sizes))
     return sizes
 
 

@@ -191,9 +191,9 @@ def test_converters_round_trip(smoke_config):
 
     from cl.integrations.avalanche import avalanche_to_stream, stream_to_avalanche
 
-    cfg = _cfg(smoke_config, "finetune", "stream.num_classes=7")  # 7 classes by 2: tasks of 2, 2, 3
+    cfg = _cfg(smoke_config, "finetune", "stream.num_classes=7")  # 7 classes by 2: tasks of 2, 2, 2, 1 (PILOT)
     stream = _stream(cfg)
-    assert [len(t.class_ids) for t in stream.tasks] == [2, 2, 3]
+    assert [len(t.class_ids) for t in stream.tasks] == [2, 2, 2, 1]
 
     bm = stream_to_avalanche(stream)
     assert [sorted(e.classes_in_this_experience) for e in bm.train_stream] == [t.labels for t in stream.tasks]
@@ -254,3 +254,45 @@ def test_import_cl_does_not_import_avalanche():
 
     code = "import cl, cl.loop, cl.model, cl.integrations, sys; assert 'avalanche' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("native", [28, 48])  # smaller and larger than the backbone's 32 px
+def test_bridge_preprocesses_every_input_path(native, smoke_config):
+    """Images of another size than ``backbone.img_size`` go through clsim's train view in training and its eval view
+    in Avalanche's evaluation (28-px images used to crash evaluation: raw minibatches reached ``predict``)."""
+    from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_classes_timeline
+    from avalanche.benchmarks.utils import DataAttribute, make_avalanche_dataset
+    from torch.utils.data import TensorDataset
+
+    from cl.integrations.avalanche import ClsimStrategy
+    from cl.transforms import mix_seed
+
+    gen = torch.Generator().manual_seed(0)
+
+    def ds(classes, n=3, floats=False):
+        y = torch.tensor([c for c in classes for _ in range(n)])
+        x = torch.randint(0, 256, (len(y), 3, native, native), dtype=torch.uint8, generator=gen)
+        x = x.float() / 255 if floats else x
+        return make_avalanche_dataset(TensorDataset(x, y), data_attributes=[DataAttribute(y.tolist(), "targets")])
+
+    bm = with_classes_timeline(benchmark_from_datasets(train=[ds([0, 1]), ds([2, 3], floats=True)],
+                                                       test=[ds([0, 1], 2), ds([2, 3], 2, floats=True)]))
+    cfg = _cfg(smoke_config, "finetune", "stream.augment=crop")
+    strat = ClsimStrategy(config=cfg, benchmark=bm, evaluator=_quiet_evaluator())
+    prep = strat.preprocessing
+    assert (prep.img_size, prep.transform, prep.augment) == (32, "pilot", "crop")
+    for exp in bm.train_stream:
+        strat.train(exp)
+        res = strat.eval(bm.test_stream)
+    assert 0.0 <= res["Top1_Acc_Stream/eval_phase/test_stream"] <= 1.0
+
+    task = strat.session.stream.tasks[1]
+    raw = bm.train_stream[1].dataset[0][0]
+    task.train.set_augmentation_seed(4)
+    x, _ = task.train[0]
+    assert x.shape == (3, 32, 32) and torch.equal(x, prep.train_view(raw, torch.Generator().manual_seed(
+        mix_seed(1, 4, 0))))
+    assert torch.equal(task.test[0][0], prep.eval_view(bm.test_stream[1].dataset[0][0]))
+    strat.experience = bm.test_stream[0]
+    strat.eval_dataset_adaptation()
+    assert torch.equal(strat.adapted_dataset[0][0], prep.eval_view(bm.test_stream[0].dataset[0][0]))

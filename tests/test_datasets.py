@@ -57,7 +57,7 @@ def _check_stream(stream: Stream, num_classes: int, names: list[str] | None = No
     assert sorted(seen) == list(range(num_classes)), "every class in exactly one task"
     for t in stream.tasks:
         for ds in (t.train, t.test):
-            assert ds._shared["resized"] == {}, "nothing decoded at build time"
+            assert ds.cache is not None and len(ds.cache) == 0, "nothing decoded at build time"
             assert set(ds.labels.tolist()) <= set(t.labels)
     if isinstance(stream.tasks[0].train.source, FileSource):
         for t in stream.tasks:
@@ -70,7 +70,7 @@ def _check_stream(stream: Stream, num_classes: int, names: list[str] | None = No
                     assert stream.class_names[stream.class_order[label]] == Path(paths[i]).parent.name
     img, label = stream.tasks[0].test[0]
     assert img.shape == (3, SIZE, SIZE) and label in stream.tasks[0].labels
-    assert len(stream.tasks[0].test._shared["resized"]) == 1, "decoded on __getitem__"
+    assert len(stream.tasks[0].test.cache) == 1, "decoded on __getitem__"
 
 
 def _one_line(err: pytest.ExceptionInfo, *fragments: str) -> None:

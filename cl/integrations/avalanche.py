@@ -44,6 +44,8 @@ with warnings.catch_warnings():  # avalanche warns at import that the optional Q
 from cl.config import ExperimentConfig, config_to_dict, load_config
 from cl.loop import Session, derive_seed, load_run_checkpoint, resolve_device, rng_scope, save_run_checkpoint
 from cl.plugins import load_builtin
+from cl.strategy import check_loss_classes
+from cl.transforms import Preprocessing, mix_seed, to_chw_image
 from cl.types import Prediction, Stream, Task, ViewableDataset, labels_of
 
 if TYPE_CHECKING:
@@ -57,43 +59,75 @@ __all__ = ["ClsimStrategy", "avalanche_to_stream", "stream_to_avalanche", "Expan
 # datasets and converters
 
 
-def _to_image(x: Any, size: int | None) -> Tensor:
-    """PIL / numpy / tensor image -> (3, S, S) tensor (uint8 stays uint8, floats stay floats in [0, 1])."""
-    if not isinstance(x, Tensor):
-        x = torch.from_numpy(np.array(x))  # PIL or numpy: HWC / HW
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    elif x.ndim == 2:
-        x = x.unsqueeze(0)
-    if x.shape[0] == 1:
-        x = x.expand(3, -1, -1)
-    elif x.shape[0] == 4:
-        x = x[:3]
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        y = F.interpolate(x.unsqueeze(0).float(), size=(size, size), mode="bicubic", antialias=True).squeeze(0)
-        x = y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y.clamp(0, 1)
-    return x.contiguous()
+_MARK = "clsim_view"  # data attribute of the datasets stream_to_avalanche makes: items are clsim views already
+
+
+def _is_clsim_view(data: Any) -> bool:
+    try:
+        return getattr(data, _MARK, None) is not None
+    except Exception:  # avalanche raises various errors for unknown attributes of some dataset kinds
+        return False
 
 
 class AvalancheView(ViewableDataset):
     """An Avalanche dataset seen as a clsim dataset: ``(image, incremental label)``; ``(x, y, t)`` items are fine.
 
-    ``view("train")`` / ``view("eval")`` use the dataset's own ``train()`` / ``eval()`` transform groups.
+    ``view("train")`` / ``view("eval")`` read the dataset's own ``train()`` / ``eval()`` transform groups, then apply
+    clsim's train / eval preprocessing (``prep``, :mod:`cl.transforms`), exactly as a clsim stream does: images of any
+    size (PIL, numpy, uint8 or float tensors) become ``(3, S, S)``. Datasets made by :func:`stream_to_avalanche`
+    already yield clsim views and pass unchanged. The train view's randomness is seeded per sample and per epoch
+    (``set_augmentation_seed``, called by the loop). ``prep=None`` only converts to 3 channels.
+
+    Limitation: the clsim views inside a :func:`stream_to_avalanche` benchmark are out of the loop's reach, so with a
+    random train view (``augment: flip | crop``) they keep their first epoch's augmentation in every epoch; such runs
+    match ``clsim run`` only with ``augment: none``.
     """
 
-    def __init__(self, data: Any, label_of: dict[int, int], image_size: int | None, kind: str = "train") -> None:
-        self.data, self.label_of, self.image_size, self.kind = data, label_of, image_size, kind
+    def __init__(self, data: Any, label_of: dict[int, int], prep: Preprocessing | None, kind: str = "train",
+                 aug_seed: int = 0) -> None:
+        self.data, self.label_of, self.prep, self.kind, self.aug_seed = data, label_of, prep, kind, aug_seed
         self._view = data.train() if kind == "train" else data.eval()
+        self._as_is = _is_clsim_view(data)
+        self.epoch_seed = 0
         self.labels = torch.tensor([label_of[int(c)] for c in data.targets], dtype=torch.long)
 
     def view(self, kind: str) -> AvalancheView:
-        return AvalancheView(self.data, self.label_of, self.image_size, kind)
+        return AvalancheView(self.data, self.label_of, self.prep, kind, self.aug_seed)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def set_augmentation_seed(self, seed: int) -> None:
+        self.epoch_seed = int(seed)
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         item = self._view[i]
-        return _to_image(item[0], self.image_size), self.label_of[int(item[1])]
+        label = self.label_of[int(item[1])]
+        if self._as_is:
+            return item[0], label
+        x = to_chw_image(item[0])
+        if self.prep is None:
+            return x, label
+        if self.kind == "train":
+            gen = torch.Generator().manual_seed(mix_seed(self.aug_seed, self.epoch_seed, i))
+            return self.prep.train_view(x, gen), label
+        return self.prep.eval_view(x), label
+
+
+class _EvalPrep(Dataset):
+    """An Avalanche eval dataset whose items' first element goes through clsim's eval view (before collation, so
+    images of mixed sizes batch). Keeps the wrapped dataset's ``collate_fn``."""
+
+    def __init__(self, data: Any, prep: Preprocessing) -> None:
+        self.data, self.prep = data, prep
+        self.collate_fn = getattr(data, "collate_fn", None)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.data[i]
+        return (self.prep.eval_view(to_chw_image(item[0])), *item[1:])
 
 
 class _Indices(Dataset):
@@ -121,12 +155,13 @@ class _Fetch:
 
 def _as_avalanche(ds: ViewableDataset, targets: list[int], group: str) -> Any:
     views = TransformGroups({"train": _Fetch(ds.view("train")), "eval": _Fetch(ds.view("eval"))}, current_group=group)
-    return make_avalanche_dataset(_Indices(targets), data_attributes=[DataAttribute(targets, "targets")],
-                                  transform_groups=views)
+    return make_avalanche_dataset(_Indices(targets), transform_groups=views,
+                                  data_attributes=[DataAttribute(targets, "targets"),
+                                                   DataAttribute([1] * len(targets), _MARK)])
 
 
 def stream_to_avalanche(stream: Stream, label_space: str = "incremental") -> CLScenario:
-    """A clsim stream as an Avalanche benchmark with one experience per task (larger last task included).
+    """A clsim stream as an Avalanche benchmark with one experience per task (a smaller last task included).
 
     ``label_space="incremental"`` (default) uses clsim's incremental labels as Avalanche class ids (what
     :class:`ClsimStrategy` reproduces ``clsim run`` with); ``"original"`` uses the dataset's class ids. Train
@@ -150,18 +185,21 @@ def _classes(exp: Any) -> set[int]:
 
 
 def avalanche_to_stream(benchmark: Any, image_size: int | None, name: str = "avalanche",
-                        class_order: Sequence[int] | None = None) -> Stream:
+                        class_order: Sequence[int] | None = None, prep: Preprocessing | None = None) -> Stream:
     """An Avalanche class-incremental benchmark as a clsim stream (one task per training experience).
 
     Avalanche class ids get incremental labels in order of first appearance across experiences (sorted within an
     experience, or in ``class_order``); ``Task.class_ids`` are the Avalanche ids. Test data of each task are the
-    test samples of its classes (index-aligned test experiences are used as they are). Images are resized to
-    ``image_size`` when needed (``None``: as they come).
+    test samples of its classes (index-aligned test experiences are used as they are). Images go through clsim's
+    preprocessing for input size ``image_size`` (``prep``, default ``Preprocessing(image_size)``: the PILOT eval
+    pipeline, no augmentation); ``image_size=None`` leaves their size as it comes.
     """
-    return _stream_from(list(benchmark.train_stream), list(benchmark.test_stream), image_size, name, class_order)
+    if prep is None and image_size is not None:
+        prep = Preprocessing(image_size)
+    return _stream_from(list(benchmark.train_stream), list(benchmark.test_stream), prep, name, class_order)
 
 
-def _stream_from(train_exps: list[Any], test_exps: list[Any], image_size: int | None, name: str = "avalanche",
+def _stream_from(train_exps: list[Any], test_exps: list[Any], prep: Preprocessing | None, name: str = "avalanche",
                  class_order: Sequence[int] | None = None) -> Stream:
     """:func:`avalanche_to_stream` on lists of experiences; without test experiences the test sets are empty."""
     groups: list[list[int]] = []
@@ -190,10 +228,10 @@ def _stream_from(train_exps: list[Any], test_exps: list[Any], image_size: int | 
         for p in parts[1:]:
             test = test.concat(p)
         tasks.append(Task(t, group, list(range(offset, offset + len(group))),
-                          AvalancheView(exp.dataset, label_of, image_size, "train"),
-                          AvalancheView(test, label_of, image_size, "eval")))
+                          AvalancheView(exp.dataset, label_of, prep, "train", aug_seed=t),
+                          AvalancheView(test, label_of, prep, "eval", aug_seed=t)))
         offset += len(group)
-    return Stream(name, tasks, len(order), order, image_size=image_size or 0)
+    return Stream(name, tasks, len(order), order, image_size=prep.img_size if prep else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,6 +317,8 @@ class ClsimStrategy(SupervisedTemplate):
     of the seen classes, ``-inf`` elsewhere.
     """
 
+    adapted_dataset: Any  # Avalanche's (set by the dataset-adaptation hooks)
+
     def __init__(self, *, config: Any, overrides: Sequence[str] | None = None, benchmark: Any = None,
                  num_classes: int | None = None, train_mb_size: int | None = None, train_epochs: int | None = None,
                  eval_mb_size: int | None = None, device: str | torch.device | None = None, plugins: Any = None,
@@ -305,9 +345,16 @@ class ClsimStrategy(SupervisedTemplate):
         with rng_scope(cfg.seed, resolve_device(cfg.train.device)):
             session = Session.create(cfg, stream=stream)
         stream.image_size = size = session.model.spec.img_size
+        prep = Preprocessing.from_config(cfg.stream, size)
         for t in stream.tasks:  # built by avalanche_to_stream: AvalancheView datasets
-            cast(AvalancheView, t.train).image_size = cast(AvalancheView, t.test).image_size = size
+            cast(AvalancheView, t.train).prep = cast(AvalancheView, t.test).prep = prep
         return session
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """clsim's preprocessing (``stream.transform`` / ``augment`` of the config, the backbone's input size): every
+        tensor entering the model through this strategy goes through it."""
+        return Preprocessing.from_config(self.config.stream, self.model.spec.img_size)
 
     # --- state ----------------------------------------------------------------------------------------------------
     @property
@@ -367,10 +414,11 @@ class ClsimStrategy(SupervisedTemplate):
         new = sorted(cls)
         offset = len(label_of)
         label_of.update({c: offset + i for i, c in enumerate(new)})
-        size = self.model.spec.img_size
+        prep = self.preprocessing
         task = Task(done, new, list(range(offset, offset + len(new))),
-                    AvalancheView(experience.dataset, label_of, size, "train"),
-                    AvalancheView(experience.dataset, label_of, size, "eval"))
+                    AvalancheView(experience.dataset, label_of, prep, "train", aug_seed=done),
+                    AvalancheView(experience.dataset, label_of, prep, "eval", aug_seed=done))
+        check_loss_classes(self.session.strategy, stream, [task])
         stream.tasks.append(task)
         stream.class_order += new
         stream.num_classes = max(stream.num_classes, len(stream.class_order))
@@ -393,8 +441,17 @@ class ClsimStrategy(SupervisedTemplate):
         """No-op: the clsim loop builds an optimiser per phase from the parameters the strategy declares."""
 
     # --- evaluation -----------------------------------------------------------------------------------------------
+    def eval_dataset_adaptation(self, **kwargs: Any) -> None:
+        """Avalanche's eval dataset, each image through clsim's eval view (unless it already yields clsim views)."""
+        super().eval_dataset_adaptation(**kwargs)
+        if not _is_clsim_view(self.adapted_dataset):
+            self.adapted_dataset = _EvalPrep(self.adapted_dataset, self.preprocessing)
+
     def forward(self) -> Tensor:
         x = self.mb_x
+        size = self.model.spec.img_size
+        if tuple(x.shape[-2:]) != (size, size):  # a batch that bypassed eval_dataset_adaptation (custom loops)
+            x = self.preprocessing.eval_view(x)
         label_of, class_of = self._label_map()
         ids = list(class_of) + [int(self.mb_y.max()) if self.mb_y is not None and len(self.mb_y) else 0]
         width = max(self.num_classes or self.session.stream.num_classes, max(ids) + 1)
