@@ -43,13 +43,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl.adapters.base import Adapter, AdapterConfig, register_adapter
+from cl.adapters.base import Adapter, AdapterConfig, Placement, register_adapter
 from cl.adapters.lora import DEFAULT_LORA_TARGETS
 
 __all__ = [
@@ -149,7 +149,7 @@ class SkillInventoryAdapter(Adapter):
     ``Route.skills`` (:meth:`routed`). ``generator`` must be set before training with ``relaxed_bernoulli``.
     """
 
-    placement = "linear"
+    placement: ClassVar[Placement] = "linear"
     config_cls = SkillsConfig
     cfg: SkillsConfig
     row_mask: Tensor  # persistent buffer (R, K) bool
@@ -437,4 +437,4 @@ class SkillLinearAdapter(SkillInventoryAdapter):
 class SkillSlotAdapter(SkillInventoryAdapter):
     """The skill inventory as a head-split bottleneck parallel to the MLP (SEMA's / AdaptFormer's slot)."""
 
-    placement = "parallel_mlp"
+    placement: ClassVar[Placement] = "parallel_mlp"
