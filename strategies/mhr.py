@@ -425,7 +425,7 @@ class MhrStrategy(Strategy):
             assert self._train_rows is not None
             y, rows = y[:, 0], self._train_rows[y[:, 1]]
         else:
-            rows = torch.full_like(y, self._row)
+            rows = torch.tensor(self._row)  # one row for the batch (0-dim, CPU: no device sync)
         with model.routing(Route.skills(SKILLS, rows=rows)):
             feats = model.features(batch.x)
         logits = cast(nn.Linear, model.head("main", TaskHeads).heads[task.task_id])(feats).float()

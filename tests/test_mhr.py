@@ -96,6 +96,8 @@ def test_scaling_is_alpha_over_rank():
         assert torch.allclose(outs[(rank, alpha)], alpha / rank * (x @ a_t @ b_t), atol=1e-5)
     a.train()
     assert torch.equal(a.routed(x, "rows", rows=rows), outs[(4, 2.0)])  # the same in training and inference
+    # one row for the whole batch (0-dim, the training path) = the per-sample path
+    assert torch.allclose(a.routed(x, "rows", rows=torch.tensor(0)), outs[(4, 2.0)], atol=1e-6)
 
 
 def test_new_skills_are_zero_functions_and_old_rows_keep_their_output():

@@ -58,6 +58,7 @@ __all__ = [
     "SkillLinearAdapter",
     "SkillSlotAdapter",
     "head_weights",
+    "mix_skills",
     "relaxed_sigmoid",
     "arrow_prototypes",
     "EPS",
@@ -120,6 +121,13 @@ def relaxed_sigmoid(logits: Tensor, temperature: float, generator: torch.Generat
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
     u = u.clamp(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps).to(logits.dtype)
     return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+
+
+def mix_skills(weights: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The parameter-space mixture: weights ``(h, K)`` or ``(B, h, K)``, A ``(h, K, i, r)``, B ``(h, K, r, o)`` ->
+    mixed A ``(1|B, h, i, r)`` and B ``(1|B, h, r, o)`` (one einsum each over (sample, head, skill))."""
+    w = weights if weights.ndim == 3 else weights[None]
+    return torch.einsum("bhk,hkir->bhir", w, a), torch.einsum("bhk,hkro->bhro", w, b)
 
 
 def _dense(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -340,8 +348,9 @@ class SkillInventoryAdapter(Adapter):
         """The site's delta for ``x`` ``(B, ..., d_in) -> (B, ..., d_out)``.
 
         Args:
-            mode: ``rows`` (``rows`` (B,) long: routing row per sample, -1 = μ), ``soft`` (``weights`` (B, R): a
-                per-sample mixture of the R rows), ``mu`` or ``arrow``.
+            mode: ``rows`` (``rows`` (B,) long: routing row per sample, -1 = μ; or a 0-dim CPU tensor: one row for
+                the batch, mixed once and broadcast), ``soft`` (``weights`` (B, R): a per-sample mixture of the R
+                rows), ``mu`` or ``arrow``.
 
         Hard routing mixes each used row over *its own* skills only (fixed shapes after its task), so a frozen row
         gives bit-identical outputs however many skills are added later (mhr.md B.4).
@@ -350,17 +359,25 @@ class SkillInventoryAdapter(Adapter):
         if mode == "arrow":
             return self._arrow(x, a, b)
         if mode == "mu":
-            w = self.mu_weights().to(a.dtype)
-            return self._lowrank(x, torch.einsum("hk,hkir->hir", w, a)[None], torch.einsum("hk,hkro->hro", w, b)[None])
+            return self._lowrank(x, *mix_skills(self.mu_weights().to(a.dtype), a, b))
         if mode == "soft":
             if weights is None or weights.ndim != 2 or weights.shape != (x.shape[0], self.num_rows):
                 raise ValueError(f"soft skill routing needs weights of shape ({x.shape[0]}, {self.num_rows})")
             w = torch.einsum("bt,thk->bhk", weights.float(), self.dense_row_weights()).to(a.dtype)
-            return self._lowrank(x, torch.einsum("bhk,hkir->bhir", w, a), torch.einsum("bhk,hkro->bhro", w, b))
+            return self._lowrank(x, *mix_skills(w, a, b))
         if mode != "rows":
             raise ValueError(f"skill routing mode {mode!r}; valid choices: rows, soft, mu, arrow")
-        if rows is None or rows.shape != (x.shape[0],):
-            raise ValueError(f"rows routing needs a row index per sample, shape ({x.shape[0]},)")
+        if rows is None or rows.shape not in ((), (x.shape[0],)):
+            raise ValueError(f"rows routing needs a row index per sample, shape ({x.shape[0]},), or one for all ()")
+        if rows.ndim == 0:  # one row for the whole batch (training): the mixed factors broadcast, one GEMM each
+            row = int(rows)
+            if not -1 <= row < self.num_rows:
+                raise ValueError(f"row {row} out of range: {self.num_rows} rows (and -1 = mu)")
+            if row < 0:
+                return self.routed(x, "mu")
+            sa, sb = self._row_skills(row, a, b)
+            w = self.row_weights(row, samples=x.shape[0]).to(a.dtype)
+            return self._lowrank(x, *mix_skills(w, sa, sb))
         if int(rows.max()) >= self.num_rows or int(rows.min()) < -1:
             raise ValueError(f"row index out of range: {self.num_rows} rows (and -1 = mu)")
         used, inverse = torch.unique(rows, return_inverse=True)
@@ -371,21 +388,23 @@ class SkillInventoryAdapter(Adapter):
                 w = self.mu_weights().to(a.dtype)
                 sa, sb = a, b
             else:
-                vis = self.visible(row)
-                sa, sb = a.index_select(1, vis), b.index_select(1, vis)
+                sa, sb = self._row_skills(row, a, b)
                 w = self.row_weights(row, samples=sel.numel()).to(a.dtype)
-            if w.ndim == 3:  # per-sample relaxed weights
-                parts_a.append(torch.einsum("bhk,hkir->bhir", w, sa))
-                parts_b.append(torch.einsum("bhk,hkro->bhro", w, sb))
-            else:
-                n = sel.numel()
-                parts_a.append(torch.einsum("hk,hkir->hir", w, sa)[None].expand(n, -1, -1, -1))
-                parts_b.append(torch.einsum("hk,hkro->hro", w, sb)[None].expand(n, -1, -1, -1))
+            mixed_a, mixed_b = mix_skills(w, sa, sb)  # (1 or n, h, i, r), (1 or n, h, r, o)
+            parts_a.append(mixed_a.expand(sel.numel(), -1, -1, -1))
+            parts_b.append(mixed_b.expand(sel.numel(), -1, -1, -1))
             order.append(sel)
         if len(parts_a) == 1:
             return self._lowrank(x, parts_a[0], parts_b[0])
         back = torch.argsort(torch.cat(order))
         return self._lowrank(x, torch.cat(parts_a)[back], torch.cat(parts_b)[back])
+
+    def _row_skills(self, row: int, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """The skills row ``row`` may use, in ascending order (all of them without a copy when it sees all)."""
+        if int(self.rows[row].shape[1]) == a.shape[1]:
+            return a, b
+        vis = self.visible(row)
+        return a.index_select(1, vis), b.index_select(1, vis)
 
     def _act(self, hidden: Tensor) -> Tensor:
         if self.cfg.act == "relu":
@@ -399,14 +418,14 @@ class SkillInventoryAdapter(Adapter):
         and B ``(B|1, h, r, o)``: ``scaling * act(x A) B``."""
         batch, h = x.shape[0], self.cfg.heads
         xs = x.reshape(batch, -1, h, self.in_features // h)  # (B, N, h, i): head j = input block j
-        a, b = a.to(xs.dtype), b.to(xs.dtype)
+        a, b = a.to(xs.dtype), (b * self.scaling).to(xs.dtype)  # scale the small factor, not the output
         if a.shape[0] == 1:
             hidden = torch.einsum("bnhi,hir->bnr", xs, a[0])
             out = torch.einsum("bnr,hro->bnho", self._act(hidden), b[0])
         else:
             hidden = torch.einsum("bnhi,bhir->bnr", xs, a)
             out = torch.einsum("bnr,bhro->bnho", self._act(hidden), b)
-        return out.reshape(*x.shape[:-1], self.out_features) * self.scaling  # head j = output block j
+        return out.reshape(*x.shape[:-1], self.out_features)  # head j = output block j
 
     def _arrow(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """Task-free ablation: per token, |<x, v_k>| over the Arrow prototypes, top-k, softmax; outputs mixed."""
