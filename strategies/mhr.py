@@ -421,12 +421,13 @@ class MhrStrategy(Strategy):
         task = self.ctx.task
         assert task is not None
         y = batch.y
-        if y.ndim == 2:  # (label, pseudo-task) from TaggedDataset
-            assert self._train_rows is not None
+        if y.ndim == 2:  # (label, pseudo-task) from TaggedDataset: per-sample one-hot mixtures of the pseudo rows
+            assert self._train_rows is not None  # (one mixing einsum per site, cheaper to train than hard rows)
             y, rows = y[:, 0], self._train_rows[y[:, 1]]
+            route = Route.skills(SKILLS, weights=F.one_hot(rows, len(self._train_rows)).float())
         else:
-            rows = torch.tensor(self._row)  # one row for the batch (0-dim, CPU: no device sync)
-        with model.routing(Route.skills(SKILLS, rows=rows)):
+            route = Route.skills(SKILLS, rows=torch.tensor(self._row))  # one row for the batch (0-dim, CPU)
+        with model.routing(route):
             feats = model.features(batch.x)
         logits = cast(nn.Linear, model.head("main", TaskHeads).heads[task.task_id])(feats).float()
         target = y - task.label_offset
