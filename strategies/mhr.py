@@ -19,7 +19,11 @@ below ``min_similarity``; ``arrow``: task-free per-token routing, an ablation).
 
 Deviations/choices beyond the spec: the z-score policy fits SEMA's descriptors in closed form (PCA) on the frozen
 block inputs of each task, once, instead of training them with SGD; ``probe`` continues MHR-z for ``epochs -
-probe_epochs`` epochs when it does not expand (a fresh cosine schedule); the slot bottleneck has no biases.
+probe_epochs`` epochs when it does not expand (a fresh cosine schedule); when the probe expands, the row it trained
+is extended with logits for the new skills, which renormalises its heads (parameter-space mixing: a zero-B skill
+leaves the *other* rows exactly unchanged, not the row that may use it); MHR-μ averages all current skills (earlier
+private ones included); pseudo-task batches train through per-sample one-hot mixtures of the pseudo rows (the same
+function as hard rows, one einsum per site); the slot bottleneck has no biases.
 """
 
 from __future__ import annotations
