@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 __all__ = ["Route", "ExpandableRouter", "mix"]
 
-RouteKind = Literal["off", "sum", "select", "soft", "per_sample"]
+RouteKind = Literal["off", "sum", "select", "soft", "per_sample", "skills"]
+SkillMode = Literal["rows", "soft", "mu", "arrow"]
 
 
 @dataclass(frozen=True)
@@ -25,16 +26,22 @@ class Route:
     Attributes:
         kind: ``off`` (no adapter), ``sum`` (sum of ``names`` or of all adapters), ``select`` (the single adapter
             ``names[0]``), ``soft`` (weights per sample: ``weights`` (B, K) if given, else softmax of the site's
-            router over ``names`` or all adapters), ``per_sample`` (sample b uses adapter ``names[index[b]]``).
+            router over ``names`` or all adapters), ``per_sample`` (sample b uses adapter ``names[index[b]]``),
+            ``skills`` (the skill-inventory adapter ``names[0]`` mixes its own skills, ``skill_mode``).
         names: adapter names the route refers to (order matters for ``soft`` and ``per_sample``).
-        index: ``(B,)`` long tensor for ``per_sample``.
-        weights: ``(B, K)`` mixture weights for ``soft`` (overrides the router).
+        index: ``(B,)`` long tensor for ``per_sample``; for ``skills`` / ``rows``: the routing row of each sample
+            (-1 = uniform μ).
+        weights: ``(B, K)`` mixture weights for ``soft`` (overrides the router); for ``skills`` / ``soft``: ``(B, R)``
+            per-sample weights over the adapter's R routing rows.
+        skill_mode: ``skills`` routes only: ``rows``, ``soft``, ``mu`` (uniform over all skills) or ``arrow``
+            (task-free per-token routing); see ``cl.adapters.skills``.
     """
 
     kind: RouteKind = "sum"
     names: tuple[str, ...] = ()
     index: Tensor | None = None
     weights: Tensor | None = None
+    skill_mode: SkillMode = "mu"
 
     @staticmethod
     def off() -> Route:
@@ -55,6 +62,15 @@ class Route:
     @staticmethod
     def per_sample(names: tuple[str, ...] | list[str], index: Tensor) -> Route:
         return Route("per_sample", tuple(names), index=index)
+
+    @staticmethod
+    def skills(name: str, rows: Tensor | None = None, weights: Tensor | None = None, mode: SkillMode | None = None
+               ) -> Route:
+        """Route a skill-inventory adapter: ``rows`` (B,) -> hard rows, ``weights`` (B, R) -> soft, else ``mode``
+        (``mu`` by default, or ``arrow``)."""
+        if mode is None:
+            mode = "rows" if rows is not None else "soft" if weights is not None else "mu"
+        return Route("skills", (name,), index=rows, weights=weights, skill_mode=mode)
 
 
 class ExpandableRouter(nn.Module):

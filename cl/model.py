@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from cl.adapters.base import Adapter, AdapterConfig, adapter_from_spec
+from cl.adapters.base import Adapter, AdapterConfig, AdapterSpec, adapter_from_spec
 from cl.adapters.inject import AdaptedSite, block_of, build_adapters, site_key, unique_params
 from cl.backbone import DataSpec
 from cl.heads import Head, head_from_spec
 from cl.mixture import ExpandableRouter, Route
+from cl.registries import ADAPTERS
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -209,11 +210,15 @@ class CLModel(nn.Module):
                     self.sites[k].route = r
 
     def adapters_per_block(self) -> list[int]:
-        """K per block: distinct adapter names present at any site of the block (a LoRA set counts once)."""
-        per: list[set[str]] = [set() for _ in range(len(self.backbone.blocks))]
+        """K per block: distinct adapter names present at any site of the block (a LoRA set counts once); an adapter
+        holding several modules (``num_modules``, e.g. a skill inventory) counts them (its largest count in a block).
+        """
+        per: list[dict[str, int]] = [{} for _ in range(len(self.backbone.blocks))]
         for site in self.sites.values():
-            per[block_of(site.target)].update(site.adapters.keys())
-        return [len(s) for s in per]
+            counts = per[block_of(site.target)]
+            for name, adapter in site.adapters.items():
+                counts[name] = max(counts.get(name, 0), int(getattr(adapter, "num_modules", 1)))
+        return [sum(c.values()) for c in per]
 
     def deployed_params(self) -> int:
         """Parameters of every adapter and router (inference-time growth; heads excluded)."""
@@ -245,12 +250,12 @@ class CLModel(nn.Module):
                     continue
                 block = self.backbone.get_submodule(s["target"])
                 if key not in self.sites:
-                    cfg_probe = adapter_from_spec(a["type"], a["config"], 1, 1)
-                    if cfg_probe.placement == "parallel_mlp":  # a timm Block: the width of its norm2
+                    placement = cast(AdapterSpec, ADAPTERS.get(a["type"])).adapter_cls.placement  # no instance
+                    if placement == "parallel_mlp":  # a timm Block: the width of its norm2
                         fin = fout = int(cast(nn.LayerNorm, block.norm2).normalized_shape[0])
                     else:  # an nn.Linear
                         fin, fout = cast(nn.Linear, block).in_features, cast(nn.Linear, block).out_features
-                    site = AdaptedSite(s["target"], cfg_probe.placement, fin, fout)
+                    site = AdaptedSite(s["target"], placement, fin, fout)
                     site.install(self.backbone)
                     self.sites[key] = site
                 site = self.sites[key]

@@ -2,7 +2,8 @@
 
 Runs the quickstart sweep's settings for every registered strategy (smaller test split) and checks the acceptance
 orderings of the strategy issues: SimpleCIL clearly above chance, MOS beats fine-tuning and reports task-retrieval
-accuracy, SEMA forgets far less than fine-tuning with sub-linear growth. Skipped where the assets are not installed
+accuracy, SEMA forgets far less than fine-tuning with sub-linear growth, MHR-CIL beats fine-tuning and reports its
+task-retrieval accuracy. Skipped where the assets are not installed
 (``bash scripts/setup.sh`` installs both).
 """
 
@@ -68,3 +69,13 @@ def test_sema_forgets_less_than_finetune_and_grows_sublinearly(results):
     exp = sema["expansion"]
     assert exp["expansion_rate"] is not None and exp["expansion_rate"] < 1.0
     assert exp["deployed_params"][-1] < exp["reference_params"][-1]
+
+
+def test_mhr_beats_finetune_and_reports_retrieval(results):
+    """MHR-CIL (clsim adaptation): only task inference can forget; it must beat fine-tuning by a wide margin."""
+    mhr, ft = results["mhr"], results["finetune"]
+    assert mhr["metrics"]["a_last"] > ft["metrics"]["a_last"] + 25
+    tra = mhr["task_retrieval"]
+    assert len(tra["accuracy_matrix"]) == 5 and all(v is not None for v in tra["accuracy_matrix"][-1])
+    assert sum(tra["accuracy_matrix"][-1]) / 5 > 40.0  # chance: 20 (5 tasks)
+    assert all(v is not None for v in tra["acc_given_correct_task"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -118,6 +118,11 @@ class AdaptedSite(nn.Module):
         if route.kind in ("soft", "per_sample") and self.merged & set(names):
             raise ValueError(f"{self.target}: merged adapters {sorted(self.merged)} cannot be routed per sample; "
                              f"unmerge them first")
+        if route.kind == "skills":  # the adapter mixes its own skills (cl.adapters.skills)
+            if names[0] not in self.adapters:
+                return None
+            routed = cast("Any", self.adapters[names[0]]).routed
+            return routed(x, route.skill_mode, rows=route.index, weights=route.weights)
         if route.kind == "select":  # a site without that adapter (or with it merged) adds nothing here
             return self.adapters[names[0]](x) if names[0] in self.adapters and names[0] not in self.merged else None
         if route.kind == "sum":
@@ -187,7 +192,12 @@ def build_adapters(
     spec: AdapterSpec = ADAPTERS.get(type_name)
     if not isinstance(cfg, spec.config_cls):
         raise TypeError(f"{type_name} adapters need a {spec.config_cls.__name__}, got {type(cfg).__name__}")
-    return spec, match_targets(backbone, spec, cfg)
+    targets = match_targets(backbone, spec, cfg)
+    check = getattr(spec.adapter_cls, "check_shape", None)  # optional per-type shape check (e.g. heads | dims)
+    if check is not None:
+        for _, fin, fout in targets:
+            check(fin, fout, cfg)
+    return spec, targets
 
 
 def block_of(target: str) -> int:
