@@ -24,6 +24,8 @@ Deviations and switches (mos.md §10):
   future classes (which only receive weight decay in the code) are created when their task starts.
 - Sampling for classifier alignment uses Cholesky factors (float64, jitter raised only if a factorisation fails)
   and a seeded generator instead of ``MultivariateNormal.sample`` on the global RNG.
+- Prototype logits are exact cosine scores from the stored class means (one matmul); the retrieval index
+  (``index_backend``) serves only the top-1 of the initial guess ``g_0`` (exact for ``flat`` / ``torch``).
 - The loop only scores ``task_pred`` / ``task_pred_initial``; the prototype-only and head-only predictions are
   returned in ``Prediction.extras`` (``proto_pred``, ``head_pred``) for a loop that scores them. The adapter drift
   ‖θ_t − θ_0^snap‖ is logged (``mos_adapter_drift``) before each evaluation and after it.
@@ -80,7 +82,13 @@ class MosConfig(StrategyConfig):
         ensemble: add the prototype classifier's softmax to the head's.
         merge_mode: ``paper`` (one merge per step) or ``official`` (the code's in-place merging, mos.md §5.2).
         lazy_features: paper mode computes only the adapters the refinement needs (forced off in official mode).
-        index_backend: retrieval-index backend of the prototype classifier.
+        index_backend: retrieval-index backend of the prototype classifier's top-1 lookup (the initial task guess
+            ``g_0``). The ensemble's prototype logits are always exact cosine scores of every seen class (one matmul
+            over the stored means), whatever the backend. ``flat`` (default) and ``torch`` are exact: ``g_0`` is
+            the argmax of those scores, no second search runs; use them up to a few hundred thousand classes.
+            ``hnsw`` / ``ivf`` make ``g_0`` approximate and only pay off with very many classes (a sub-linear
+            top-1), never at the 50-300 classes of the paper's benchmarks; ``ivf`` searches exactly until
+            ``ivf_min_train_keys`` (1000) classes were added.
     """
 
     name: str = "mos"
@@ -302,8 +310,8 @@ class MosStrategy(Strategy):
         task_of = self.task_of.to(x.device)
         with model.routing(Route.select(names[0])):
             f0 = model.features(x).float()
-        z_proto = self.proto.scores(f0, num_seen)
-        g0 = task_of[z_proto.argmax(1)]
+        z_proto = self.proto.scores(f0, num_seen)  # exact cosine logits of every seen class
+        g0 = task_of[self.proto.nearest(f0, z_proto)]  # top-1 prototype (through the index for hnsw / ivf)
         batch = x.shape[0]
         cache = f0.new_zeros(num_tasks, batch, f0.shape[1])
         have = torch.zeros(num_tasks, batch, dtype=torch.bool, device=x.device)

@@ -173,7 +173,7 @@ def test_class_statistics_and_gaussian_sampling_reproduce_them():
 
 
 # --- inference -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "flat"])
+@pytest.mark.parametrize("backend", ["torch", "flat", "hnsw", "ivf"])
 def test_prototype_lookups_equal_direct_cosine(backend):
     gen = torch.Generator().manual_seed(0)
     index = PrototypeIndex(backend, 16)
@@ -182,7 +182,39 @@ def test_prototype_lookups_equal_direct_cosine(backend):
     index.add(torch.arange(4, 7), means[4:])
     q = torch.randn(5, 16, generator=gen)
     want = F.normalize(q, dim=-1) @ F.normalize(means, dim=-1).t()
-    assert torch.allclose(index.scores(q, 7), want, atol=1e-5)
+    scores = index.scores(q, 7)
+    assert torch.allclose(scores, want, atol=1e-5)
+    assert torch.allclose(index.scores(q, 4), want[:, :4], atol=1e-5)  # only the seen classes
+    assert torch.equal(index.nearest(q), want.argmax(1)) and torch.equal(index.nearest(q, scores), want.argmax(1))
+
+
+def test_prototype_scores_every_class_with_a_trained_ivf_index(monkeypatch):
+    """Issue 11: IVF trained on 100 keys (nlist 20, nprobe 2), 200 classes. Searching the index with k = 200 scored
+    ~21 classes and left the rest at -inf in the ensemble; the scores now come from the stored means."""
+    from cl.retrieval import IndexConfig
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 768, generator=gen)
+    means = centres.repeat_interleave(10, 0) + 0.5 * torch.randn(200, 768, generator=gen)  # clustered prototypes
+    cfg = IndexConfig(backend="ivf", metric="cosine", ivf_nlist=20, ivf_nprobe=2, ivf_min_train_keys=100)
+    proto = PrototypeIndex("ivf", 768, cfg)
+    proto.add(torch.arange(100), means[:100])  # 100 keys: the IVF index trains here
+    proto.add(torch.arange(100, 200), means[100:])
+    assert proto.index.is_trained and proto.index._index.nlist == 20 and proto.index._index.nprobe == 2
+    q = means[::7] + 0.3 * torch.randn(29, 768, generator=gen)
+    want = F.normalize(q, dim=-1) @ F.normalize(means, dim=-1).t()
+
+    def no_search(*_args, **_kwargs):
+        raise AssertionError("class scores must not go through the approximate index")
+
+    monkeypatch.setattr(proto.index, "search", no_search)
+    scores = proto.scores(q, 200)
+    assert scores.shape == (29, 200) and bool(torch.isfinite(scores).all())  # every class has a score
+    torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    top1 = proto.nearest(q)  # the top-1 lookup is the index's (approximate, but a real class)
+    assert bool(((top1 >= 0) & (top1 < 200)).all())
+    assert float((top1 == want.argmax(1)).float().mean()) >= 0.7  # nprobe 2 of 20: approximate
 
 
 def test_self_refinement_stops_on_repeat_and_at_cap():
