@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from cl.backbone import create_backbone
 from cl.config import ExperimentConfig, TrainConfig, config_to_dict
@@ -222,7 +222,9 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     offsets = np.cumsum([0] + [t.num_classes for t in stream.tasks])
     preds, labels, task_preds, task_init = [], [], [], []
     extra_preds: dict[str, list[Tensor]] = {}
-    for x, y in ctx.progress(ctx.loader(ds, ctx.train.eval_batch_size), f"eval after task {upto}"):
+    batch_size, order = strategy.eval_batching(ds)  # e.g. MOS official mode: the code's test batch and order
+    data: Dataset = ds if order is None else Subset(ds, list(order))
+    for x, y in ctx.progress(ctx.loader(data, batch_size or ctx.train.eval_batch_size), f"eval after task {upto}"):
         with ctx.autocast():
             out = strategy.predict(model, ctx.to_device(x))
         pred = out if isinstance(out, Tensor) else out.logits

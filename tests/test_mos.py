@@ -44,13 +44,14 @@ def _model_12_blocks() -> CLModel:
     return CLModel(vit, DataSpec(32, (0.5,) * 3, (0.5,) * 3, 32, 12))
 
 
-def _strategy_after_task1(tiny_stream, merge_mode: str):
+def _strategy_after_task1(tiny_stream, merge_mode: str, **cfg):
     """Strategy + model positioned at task 1 with random adapter values: t000 = θ0 (snapshot), t001 = θ."""
     model = _model_12_blocks()
     ctx = RunContext(TrainConfig(device="cpu", progress=False, batch_size=4, eval_batch_size=8),
                      torch.device("cpu"), 0, JsonlLog(None))
     ctx.stream = tiny_stream
-    strat = MosStrategy(MosConfig(merge_mode=merge_mode, adapter_dropout=0.0, index_backend="torch"), ctx)
+    cfg = {"adapter_dropout": 0.0, "index_backend": "torch", **cfg}
+    strat = MosStrategy(MosConfig(merge_mode=merge_mode, **cfg), ctx)
     strat.setup(model, tiny_stream)
     gen = torch.Generator().manual_seed(1)
     ctx.task = tiny_stream.tasks[0]
@@ -122,6 +123,65 @@ def test_official_eval_batch_merges_stored_snapshot_12_times(tiny_stream):
     strat.predict(model, x)
     assert torch.allclose(flat_params(strat.set_params(model, 1)), theta0 + 0.9**12 * (theta1 - theta0), atol=1e-6)
     assert torch.equal(flat_params(strat.set_params(model, 0)), theta0)  # adapter 0 is never merged
+
+
+def test_official_eval_uses_the_code_test_batch_and_order():
+    """Issue 11: after task 1 and 240 test images at the official batch 48 (5 test batches, 12 merges each),
+    ||θ1 - m1|| / ||θ1^snap - m1|| = 0.9^60, whatever ``train.eval_batch_size`` says (8 here: 0.9^360)."""
+    from cl.loop import _evaluate
+    from cl.types import labels_of
+    from streams.synthetic import SyntheticConfig, build_synthetic
+
+    stream = build_synthetic(SyntheticConfig(num_classes=4, increment=2, train_images_per_class=4,
+                                             test_images_per_class=60), 32)
+    strat, model, ctx = _strategy_after_task1(stream, "official", batch_size=48)
+    _finish_task1(strat, model, ctx)
+    theta0, theta1 = strat.snapshots  # m1 = θ0^snap
+    seen_batches = []
+    predict = strat.predict
+
+    def recording_predict(model, x):
+        seen_batches.append(len(x))
+        return predict(model, x)
+
+    strat.predict = recording_predict
+    ev = _evaluate(model, strat, stream, 1, ctx, future=False)
+    assert seen_batches == [48] * 5 and len(ev["row"]) == 2
+    ratio = float((flat_params(strat.set_params(model, 1)) - theta0).norm() / (theta1 - theta0).norm())
+    assert ratio == pytest.approx(0.9**60, rel=1e-3)
+    # the code's order: the seen classes' test images sorted by class, each class in dataset order
+    ds = torch.utils.data.ConcatDataset([t.test for t in stream.tasks[:2]])
+    batch, order = strat.eval_batching(ds)
+    labels = labels_of(stream.tasks[0].test).tolist() + labels_of(stream.tasks[1].test).tolist()
+    assert batch == 48 and [labels[i] for i in order] == sorted(labels)
+    assert all(a < b for a, b in zip(order, order[1:], strict=False) if labels[a] == labels[b])
+    paper, _, _ = _strategy_after_task1(stream, "paper")
+    assert paper.eval_batching(ds) == (None, None)  # paper mode: train.eval_batch_size, stream order
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_official_prototypes_of_later_tasks_with_adapter_dropout(tiny_stream, train_mode):
+    """``official_proto_train_mode``: the code computes the prototypes of tasks >= 1 in train mode (dropout on)."""
+    from cl.mixture import Route
+
+    strat, model, ctx = _strategy_after_task1(tiny_stream, "official", adapter_dropout=0.5, batch_size=4,
+                                              official_proto_train_mode=train_mode)
+    with torch.no_grad():
+        for p in strat.set_params(model, 0):  # non-zero up-projections, so that dropout changes the features
+            p.add_(0.5)
+    strat.snapshots.append(flat_params(strat.set_params(model, 1)))
+    task = ctx.task
+    with model.routing(Route.select("t000")):
+        feats, labels = ctx.extract(model, task.train.view("eval"))
+    eval_means = torch.stack([feats[labels == c].mean(0) for c in task.labels])
+    torch.manual_seed(0)
+    model.eval()  # as the loop leaves it after the last phase
+    strat.after_task(model, task)
+    got = strat.proto.means[task.labels]
+    assert torch.allclose(got, eval_means, atol=1e-5) is not train_mode
+    assert not model.training  # the mode is restored
+    with pytest.raises(ValueError, match="merge_mode: official"):
+        MosConfig(merge_mode="paper", official_proto_train_mode=True)
 
 
 def test_paper_eval_leaves_snapshots_bit_identical(tiny_stream):
