@@ -206,6 +206,11 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         ctx.log.write("train_epoch", task=task.task_id, phase=phase.name, epoch=epoch,
                       **{"train/loss": total / max(count, 1), "train/lr": opt.param_groups[0]["lr"] if opt else None},
                       **phase.info)
+        if phase.eval_every_epoch and ctx.stream is not None:  # diagnostic only: metrics.jsonl, never the matrix
+            ev = _evaluate(model, strategy, ctx.stream, task.task_id, ctx, future=False)
+            ctx.log.write("epoch_eval", task=task.task_id, phase=phase.name, epoch=epoch,
+                          **{"test/accuracy_row": ev["row"]}, **phase.info)
+            model.train()
     for p in params:
         p.requires_grad_(False)
     model.eval()
