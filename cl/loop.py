@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from cl.backbone import create_backbone
+from cl.backbone import DataSpec, create_backbone
 from cl.config import ExperimentConfig, TrainConfig, config_to_dict
 from cl.model import CLModel
 from cl.registries import STRATEGIES, STREAMS
@@ -320,15 +320,22 @@ class Session:
         self.model, self.stream, self.strategy, self.ctx = model, stream, strategy, ctx
 
     @classmethod
-    def create(cls, cfg: ExperimentConfig, jlog: JsonlLog | None = None, stream: Stream | None = None) -> Session:
-        """Build backbone, stream (unless given), model and strategy; call ``strategy.setup``."""
+    def create(cls, cfg: ExperimentConfig, jlog: JsonlLog | None = None, stream: Stream | None = None,
+               backbone: tuple[nn.Module, DataSpec] | None = None) -> Session:
+        """Build backbone, stream (unless given), model and strategy; call ``strategy.setup``.
+
+        ``backbone``: an already built frozen backbone and its spec (``cl.backbone.adopt_backbone``) used instead of
+        ``cfg.backbone``; only together with ``stream``.
+        """
         device = resolve_device(cfg.train.device)
         ctx = RunContext(cfg.train, device, cfg.seed, jlog or JsonlLog(None))
         if stream is None:
+            if backbone is not None:
+                raise ValueError("Session.create(backbone=...) needs stream= too")
             model, stream = build_model_and_stream(cfg, device)
         else:
-            backbone, spec = create_backbone(cfg.backbone)
-            model = CLModel(backbone, spec).to(device)
+            net, spec = backbone if backbone is not None else create_backbone(cfg.backbone)
+            model = CLModel(net, spec).to(device)
         ctx.stream = stream
         strategy: Strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, ctx)
         strategy.setup(model, stream)
