@@ -29,7 +29,9 @@ from cl.errors import BackboneError
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["BackboneConfig", "BackboneError", "DataSpec", "create_backbone", "load_weights_file"]
+__all__ = [
+    "BackboneConfig", "BackboneError", "DataSpec", "adopt_backbone", "create_backbone", "load_weights_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +148,33 @@ def create_backbone(cfg: BackboneConfig) -> tuple[nn.Module, DataSpec]:
     img_size = vit.patch_embed.img_size[0] if hasattr(model, "patch_embed") else (cfg.img_size or 224)
     spec = DataSpec(int(img_size), mean, std, int(vit.num_features), len(getattr(model, "blocks", [])))
     return model, spec
+
+
+def adopt_backbone(model: nn.Module, cfg: BackboneConfig | None = None) -> tuple[nn.Module, DataSpec]:
+    """Use an existing timm ViT as the frozen backbone (e.g. the ``model=`` of the Avalanche bridge).
+
+    ``model`` must be a ``timm.models.vision_transformer.VisionTransformer`` (what ``timm.create_model("vit_...")``
+    returns, with whatever weights it holds). Its classifier is removed (``reset_classifier(0)``), every parameter is
+    frozen and it is put in eval mode, in place. Normalisation constants come from its ``pretrained_cfg`` unless
+    ``cfg`` overrides them (``mean`` / ``std`` / ``normalize``); ``cfg.name`` and the weight settings are not used.
+
+    Raises:
+        BackboneError: if ``model`` is not a timm VisionTransformer.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise BackboneError(f"model must be a timm VisionTransformer (e.g. timm.create_model('vit_base_patch16_224"
+                            f".augreg2_in21k_ft_in1k', pretrained=True)), got {type(model).__name__}")
+    cfg = cfg or BackboneConfig()
+    if model.num_classes:
+        model.reset_classifier(0)
+    model.requires_grad_(False)
+    model.eval()
+    pcfg = cast("dict[str, Any]", model.pretrained_cfg or {})
+    mean = tuple(cfg.mean or pcfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(cfg.std or pcfg.get("std", (0.229, 0.224, 0.225)))
+    if not cfg.normalize:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    img_size = int(model.patch_embed.img_size[0])
+    return model, DataSpec(img_size, mean, std, int(model.num_features), len(model.blocks))

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "format_metric"]
 
 log = logging.getLogger("clsim")
 
@@ -22,6 +22,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ClsimError, FileNotFoundError
 
 
+def format_metric(value: float | None) -> str:
+    """A summary number with two decimals, or ``—`` where the metric is undefined (``null`` in result.json)."""
+    return "\u2014" if value is None else f"{value:.2f}"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from cl.config import load_config
     from cl.loop import run, run_dir_of
@@ -29,8 +34,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     result = run(cfg, resume=args.resume)
     m = result["metrics"]
-    print(f"{cfg.strategy.name}: A_last {m['a_last']:.2f}  A_avg {m['a_avg']:.2f}  forgetting "
-          f"{(m['forgetting'] or 0):.2f}  -> {run_dir_of(cfg)}/result.json")
+    print(f"{cfg.strategy.name}: A_last {format_metric(m['a_last'])}  A_avg {format_metric(m['a_avg'])}  forgetting "
+          f"{format_metric(m['forgetting'])}  -> {run_dir_of(cfg)}/result.json")
     return 0
 
 

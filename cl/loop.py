@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from cl.backbone import create_backbone
+from cl.backbone import DataSpec, create_backbone
 from cl.config import ExperimentConfig, TrainConfig, config_to_dict
 from cl.model import CLModel
 from cl.registries import STRATEGIES, STREAMS
@@ -210,6 +210,11 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         ctx.log.write("train_epoch", task=task.task_id, phase=phase.name, epoch=epoch,
                       **{"train/loss": total / max(count, 1), "train/lr": opt.param_groups[0]["lr"] if opt else None},
                       **phase.info)
+        if phase.eval_every_epoch and ctx.stream is not None:  # diagnostic only: metrics.jsonl, never the matrix
+            ev = _evaluate(model, strategy, ctx.stream, task.task_id, ctx, future=False)
+            ctx.log.write("epoch_eval", task=task.task_id, phase=phase.name, epoch=epoch,
+                          **{"test/accuracy_row": ev["row"]}, **phase.info)
+            model.train()
     for p in params:
         p.requires_grad_(False)
     model.eval()
@@ -226,7 +231,9 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     offsets = np.cumsum([0] + [t.num_classes for t in stream.tasks])
     preds, labels, task_preds, task_init = [], [], [], []
     extra_preds: dict[str, list[Tensor]] = {}
-    for x, y in ctx.progress(ctx.loader(ds, ctx.train.eval_batch_size), f"eval after task {upto}"):
+    batch_size, order = strategy.eval_batching(ds)  # e.g. MOS official mode: the code's test batch and order
+    data: Dataset = ds if order is None else Subset(ds, list(order))
+    for x, y in ctx.progress(ctx.loader(data, batch_size or ctx.train.eval_batch_size), f"eval after task {upto}"):
         with ctx.autocast():
             out = strategy.predict(model, ctx.to_device(x))
         pred = out if isinstance(out, Tensor) else out.logits
@@ -318,15 +325,22 @@ class Session:
         self.model, self.stream, self.strategy, self.ctx = model, stream, strategy, ctx
 
     @classmethod
-    def create(cls, cfg: ExperimentConfig, jlog: JsonlLog | None = None, stream: Stream | None = None) -> Session:
-        """Build backbone, stream (unless given), model and strategy; call ``strategy.setup``."""
+    def create(cls, cfg: ExperimentConfig, jlog: JsonlLog | None = None, stream: Stream | None = None,
+               backbone: tuple[nn.Module, DataSpec] | None = None) -> Session:
+        """Build backbone, stream (unless given), model and strategy; call ``strategy.setup``.
+
+        ``backbone``: an already built frozen backbone and its spec (``cl.backbone.adopt_backbone``) used instead of
+        ``cfg.backbone``; only together with ``stream``.
+        """
         device = resolve_device(cfg.train.device)
         ctx = RunContext(cfg.train, device, cfg.seed, jlog or JsonlLog(None))
         if stream is None:
+            if backbone is not None:
+                raise ValueError("Session.create(backbone=...) needs stream= too")
             model, stream = build_model_and_stream(cfg, device)
         else:
-            backbone, spec = create_backbone(cfg.backbone)
-            model = CLModel(backbone, spec).to(device)
+            net, spec = backbone if backbone is not None else create_backbone(cfg.backbone)
+            model = CLModel(net, spec).to(device)
         ctx.stream = stream
         strategy: Strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, ctx)
         check_loss_classes(strategy, stream)

@@ -3,7 +3,9 @@
 Two implementations of one :class:`AdapterIndex` protocol:
 
 - :class:`TorchIndex` (backend ``"torch"``): exact search by matmul + ``topk`` on the device of the keys. It is the
-  reference every FAISS backend is tested against.
+  reference every FAISS backend is tested against: ``l2`` scores are computed in float64, because the fp32 expansion
+  ``|q|^2 + |x|^2 - 2 q.x`` cancels catastrophically at large norms (|x|^2 = 1.2e4: a distance of 0.0719 comes out
+  0.0684 in fp32, ``tests/test_retrieval.py``); inner products stay in fp32 (no cancellation of that kind).
 - :class:`FaissIndex` (backends ``"flat"``, ``"hnsw"``, ``"ivf"``): ``IndexFlatIP`` / ``IndexFlatL2``,
   ``IndexHNSWFlat`` and ``IndexIVFFlat``. ``faiss`` is imported lazily, so ``import cl.retrieval`` stays light.
 
@@ -11,8 +13,13 @@ Conventions shared by all backends:
 
 - ``metric="cosine"`` L2-normalises keys and queries and then uses the inner product; ``"ip"`` is the raw inner
   product; ``"l2"`` reports the *negative* squared Euclidean distance, so that a higher score is always better.
-- ``search(queries, k)`` returns ``(ids, scores)`` of shape ``(Q, k)``; when fewer than ``k`` keys exist the missing
-  slots hold id ``-1`` and score ``-inf``.
+- ``search(queries, k)`` returns ``(ids, scores)`` of shape ``(Q, k)`` holding exactly ``min(k, len(index))`` results
+  per query, on every backend; only when fewer than ``k`` keys exist do the missing slots hold id ``-1`` and score
+  ``-inf``. The approximate backends get there as follows: HNSW searches with ``efSearch = max(hnsw_ef_search, k)``
+  (per call, the stored setting is not changed); IVF starts at ``ivf_nprobe`` lists and doubles ``nprobe`` (up to
+  ``nlist``, which scans every list) for the queries whose probed lists held fewer than ``k`` keys; a query that
+  HNSW still answers short (a graph whose reachable part is smaller than ``k``) is answered exactly from the stored
+  copy of the keys. Approximation therefore changes *which* keys come back, never how many.
 - Several keys may share one id (e.g. many class prototypes per task id); ``remove(ids)`` drops every key with one of
   the given ids.
 - ``state_dict()`` holds tensors only: ``keys`` ``(N, D)`` float32 (normalised for cosine) and ``ids`` ``(N,)``
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -61,6 +69,8 @@ _META_KEY = "clsim_index"
 _FORMAT_VERSION = 1
 _CHUNK_ELEMS = 1 << 24  # score-matrix elements per exact-search chunk (64 MiB of float32)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class IndexConfig:
@@ -72,10 +82,11 @@ class IndexConfig:
         metric: ``"ip"`` (inner product), ``"l2"`` (scores are negative squared distances) or ``"cosine"``
             (L2-normalised keys and queries, then inner product).
         hnsw_m: HNSW graph degree ``M``.
-        hnsw_ef_search: HNSW candidate-list size at search time (raised to ``k`` when ``k`` is larger).
+        hnsw_ef_search: HNSW candidate-list size at search time (raised to ``k`` per call when ``k`` is larger).
         hnsw_ef_construction: HNSW candidate-list size while building the graph.
         ivf_nlist: Number of IVF lists, clipped to the number of training keys.
-        ivf_nprobe: Lists visited per IVF query, clipped to the number of lists.
+        ivf_nprobe: Lists visited per IVF query, clipped to the number of lists; raised per query (doubling) for
+            queries whose probed lists hold fewer than ``k`` keys.
         ivf_min_train_keys: The IVF index searches a pending buffer exactly until this many keys were added, then
             trains on all of them.
         ivf_seed: Seed of the IVF k-means clustering (``index.cp.seed``).
@@ -195,22 +206,29 @@ def _empty_result(num_queries: int, k: int, device: torch.device) -> tuple[Tenso
 
 
 def _exact_search(keys: Tensor, ids: Tensor, queries: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` on ``keys.device`` in chunks of queries. Scores: inner product or ``-||q - x||^2``."""
+    """Exact top-``k`` on ``keys.device`` in chunks of queries. Scores: inner product or ``-||q - x||^2``.
+
+    ``l2`` is computed in float64 (``-(|q|^2 + |x|^2 - 2 q.x)`` loses every significant digit of a small distance
+    between large vectors in fp32); the scores are returned as float32.
+    """
     out_ids, out_scores = _empty_result(queries.shape[0], k, keys.device)
     n = keys.shape[0]
     if n == 0 or queries.shape[0] == 0:
         return out_ids, out_scores
     kk = min(k, n)
     queries = queries.to(keys.device)
-    key_sq = keys.pow(2).sum(1) if metric == "l2" else None
+    keys_l2 = keys.double() if metric == "l2" else None
+    key_sq = keys_l2.pow(2).sum(1) if keys_l2 is not None else None
     chunk = max(1, _CHUNK_ELEMS // n)
     for start in range(0, queries.shape[0], chunk):
         q = queries[start : start + chunk]
-        scores = q @ keys.T  # (q, N)
-        if key_sq is not None:  # -(|q|^2 + |x|^2 - 2 q.x), clamped like FAISS
-            scores = (2 * scores - q.pow(2).sum(1, keepdim=True) - key_sq).clamp_max_(0)
+        if keys_l2 is not None and key_sq is not None:  # -(|q|^2 + |x|^2 - 2 q.x) in float64, clamped like FAISS
+            q64 = q.double()
+            scores = (2 * (q64 @ keys_l2.T) - q64.pow(2).sum(1, keepdim=True) - key_sq).clamp_max_(0)
+        else:
+            scores = q @ keys.T  # (q, N)
         top, pos = scores.topk(kk, dim=1)
-        out_scores[start : start + chunk, :kk] = top
+        out_scores[start : start + chunk, :kk] = top.float()
         out_ids[start : start + chunk, :kk] = ids[pos]
     return out_ids, out_scores
 
@@ -500,11 +518,40 @@ class FaissIndex(_IndexBase):
                 torch.from_numpy(self._keys), torch.from_numpy(self._ids), q.cpu(), k, self.cfg.metric
             )
             return ids.to(q.device), scores.to(q.device)
-        dist, labels = self._index.search(np.ascontiguousarray(q.cpu().numpy()), k)
+        x = np.ascontiguousarray(q.cpu().numpy())
+        dist, labels = self._search_complete(x, k)
         scores = torch.from_numpy(-dist if self.cfg.metric == "l2" else dist)
         ids = torch.from_numpy(labels)
         scores[ids < 0] = float("-inf")
         return ids.to(q.device), scores.to(q.device)
+
+    def _search_complete(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search returning ``min(k, len(self))`` results per query (module docstring: how, per backend)."""
+        faiss, backend = self._faiss, self.cfg.backend
+        if backend == "flat":
+            return self._index.search(x, k)
+        want = min(k, len(self))
+        if backend == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.cfg.hnsw_ef_search, k))
+            dist, labels = self._index.search(x, k, params=params)
+        else:
+            nprobe, nlist = self._index.nprobe, self._index.nlist
+            dist, labels = self._index.search(x, k)
+            short = np.flatnonzero((labels >= 0).sum(1) < want)
+            while short.size and nprobe < nlist:  # visit more lists, only for the queries that came back short
+                nprobe = min(2 * nprobe, nlist)
+                d, lab = self._index.search(x[short], k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+                dist[short], labels[short] = d, lab
+                short = short[(lab >= 0).sum(1) < want]
+        short = np.flatnonzero((labels >= 0).sum(1) < want)
+        if short.size:  # HNSW: the reachable part of the graph is smaller than k; answer these queries exactly
+            log.debug("%s index: %d queries answered exactly (fewer than %d results)", backend, short.size, want)
+            ids_t, scores_t = _exact_search(torch.from_numpy(self._keys), torch.from_numpy(self._ids),
+                                            torch.from_numpy(x[short]), k, self.cfg.metric)
+            scores_np = scores_t.numpy()
+            labels[short] = ids_t.numpy()
+            dist[short] = -scores_np if self.cfg.metric == "l2" else scores_np
+        return dist, labels
 
     def remove(self, ids: IdsLike) -> int:
         """Remove every key whose id is in ``ids``; returns the number removed (HNSW: rebuilds the graph)."""

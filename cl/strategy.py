@@ -8,12 +8,13 @@ logging and checkpoints. Strategies never build their own loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from cl.config import StrategyConfig
 from cl.errors import ConfigError
@@ -96,6 +97,14 @@ class Strategy:
 
     def after_eval(self, model: CLModel, task: Task) -> None:
         """Called after the evaluation that follows ``task`` (diagnostics that need the evaluated model)."""
+
+    def eval_batching(self, dataset: Dataset) -> tuple[int | None, Sequence[int] | None]:
+        """Batch size and sample order of an evaluation pass over ``dataset`` (the evaluated test sets, concatenated).
+
+        ``(None, None)`` (default): ``train.eval_batch_size``, dataset order. For strategies whose predictions depend
+        on the batching (MOS ``merge_mode: official`` mutates stored adapters once per test batch).
+        """
+        return None, None
 
     def predict(self, model: CLModel, x: Tensor) -> Tensor | Prediction:
         """Logits over all classes seen so far (class-incremental: no task id)."""

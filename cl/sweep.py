@@ -91,7 +91,8 @@ def run_sweep(plan: SweepPlan, *, strategies: list[str] | None = None, extra: li
         else:
             result = run(cfg, resume=resume)
             m = result["metrics"]
-            echo(f"    A_last {m['a_last']:.2f}  A_avg {m['a_avg']:.2f}  forgetting {(m['forgetting'] or 0):.2f}  "
+            forgetting = "—" if m["forgetting"] is None else f"{m['forgetting']:.2f}"  # undefined: null in result.json
+            echo(f"    A_last {m['a_last']:.2f}  A_avg {m['a_avg']:.2f}  forgetting {forgetting}  "
                  f"({result['timing']['total_s']:.0f} s)")
         run_dirs.append(out)
     return run_dirs, make_report(run_dirs, plan.report)

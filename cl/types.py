@@ -133,6 +133,8 @@ class Phase:
         num_workers: DataLoader workers for this phase (``None`` = ``train.num_workers``; use 0 for in-memory
             feature datasets).
         info: free-form fields copied into the phase's log records.
+        eval_every_epoch: after every epoch, evaluate on the test sets of the tasks seen so far and log the row to
+            ``metrics.jsonl`` (``epoch_eval``); a diagnostic that never enters the accuracy matrix.
     """
 
     name: str
@@ -148,6 +150,7 @@ class Phase:
     after_step: Callable[[], None] | None = None
     num_workers: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    eval_every_epoch: bool = False
 
 
 def labels_of(ds: Dataset) -> Tensor:

@@ -2,20 +2,24 @@
 
 Everything here is computable from tensors and tested on hand-made inputs in ``tests/test_mos.py``: the merge
 arithmetic (mos.md §5), the in-forward merging hooks of the official code, ``L_orth`` (§4), class statistics and
-Gaussian feature sampling for classifier alignment (§6), the prototype lookups through the retrieval index, the
-self-refined adapter retrieval and the ensemble (§7).
+Gaussian feature sampling for classifier alignment (§6), the prototype scores (exact, from the stored means) and the
+top-1 lookups through the retrieval index, the self-refined adapter retrieval and the ensemble (§7).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from cl.retrieval import IndexConfig
 
 __all__ = [
     "merge_step",
@@ -191,28 +195,50 @@ class GaussianFeatureBatches(Dataset):
         return self.x[i], self.y[i]
 
 
-# --- prototype classifier through the retrieval index (mos.md §6.4, §7) -------------------------------------------
+# --- prototype classifier and its retrieval index (mos.md §6.4, §7) -------------------------------------------------
 class PrototypeIndex:
-    """Frozen cosine prototype classifier: class means in a retrieval index (``metric="cosine"``).
+    """Frozen cosine prototype classifier: class means, scored exactly, plus a retrieval index for top-k lookups.
 
-    :meth:`scores` searches with ``k`` = number of seen classes and scatters the scores back by class id, giving
-    the full cosine logit vector the ensemble needs; classes the index did not return get ``-inf``.
+    :meth:`scores` gives the cosine logit of **every** class from the stored means in one matmul (the ensemble
+    needs the full vector; an approximate index cannot give it: an IVF index probing 2 of 20 lists scores ~10 % of
+    the classes). :meth:`nearest` is where a top-k is what is wanted (the initial task guess ``g_0`` is the top-1
+    prototype): it searches the index (``metric="cosine"``), which for ``hnsw`` / ``ivf`` is approximate.
+
+    Args:
+        backend: retrieval-index backend (``cl.retrieval``).
+        dim: feature dimension ``d``.
+        index_cfg: full index settings (its ``backend`` must equal ``backend``; the metric is forced to cosine);
+            ``None`` = the defaults of :class:`~cl.retrieval.IndexConfig`.
     """
 
-    def __init__(self, backend: Literal["torch", "flat", "hnsw", "ivf"], dim: int) -> None:
+    EXACT_BACKENDS = ("torch", "flat")
+
+    def __init__(self, backend: Literal["torch", "flat", "hnsw", "ivf"], dim: int,
+                 index_cfg: IndexConfig | None = None) -> None:
         from cl.retrieval import IndexConfig, build_index
 
+        if index_cfg is not None and index_cfg.backend != backend:
+            raise ValueError(f"index_cfg.backend={index_cfg.backend!r} differs from backend={backend!r}")
+        cfg = dataclasses.replace(index_cfg or IndexConfig(backend=backend), metric="cosine")
         self.backend = backend
         self.dim = dim
-        self.index = build_index(IndexConfig(backend=backend, metric="cosine"), dim)
+        self.index = build_index(cfg, dim)
         self.means = torch.zeros(0, dim)
+        self._unit: Tensor | None = None  # L2-normalised means on the device of the last queries
+
+    @property
+    def exact(self) -> bool:
+        """True when :meth:`nearest` is the exact top-1 (``torch`` / ``flat``)."""
+        return self.backend in self.EXACT_BACKENDS
 
     def add(self, labels: Tensor, means: Tensor) -> None:
+        """Store the means ``(n, d)`` of classes ``labels`` ``(n,)`` (rows of later classes grow as needed)."""
         labels = labels.long().cpu()
         need = int(labels.max()) + 1 if labels.numel() else 0
         if need > self.means.shape[0]:
             self.means = torch.cat([self.means, torch.zeros(need - self.means.shape[0], self.dim)])
         self.means[labels] = means.float().cpu()
+        self._unit = None
         self.index.add(means.float().cpu(), labels)
 
     @property
@@ -220,21 +246,32 @@ class PrototypeIndex:
         return self.means.shape[0]
 
     def scores(self, queries: Tensor, num_classes: int | None = None) -> Tensor:
-        """Cosine logits ``(B, num_classes)`` for ``queries`` ``(B, d)``."""
+        """Exact cosine logits ``(B, num_classes)`` of ``queries`` ``(B, d)`` against every stored class mean.
+
+        One matmul on the queries' device, float32; the index is not consulted.
+        """
         k = num_classes or self.num_classes
-        ids, sims = self.index.search(queries.float(), k)
-        ids, sims = ids.to(queries.device).long(), sims.to(queries.device).float()
-        out = torch.full((queries.shape[0], k), float("-inf"), device=queries.device)
-        valid = (ids >= 0) & (ids < k)
-        rows = torch.arange(queries.shape[0], device=queries.device)[:, None].expand_as(ids)
-        out[rows[valid], ids[valid]] = sims[valid]
-        return out
+        if self._unit is None or self._unit.device != queries.device:
+            self._unit = F.normalize(self.means, dim=1).to(queries.device)
+        return F.normalize(queries.float(), dim=1) @ self._unit[:k].t()
+
+    def nearest(self, queries: Tensor, scores: Tensor | None = None) -> Tensor:
+        """Top-1 class ``(B,)`` per query: from the index (approximate for ``hnsw`` / ``ivf``).
+
+        For the exact backends, ``scores`` (this object's :meth:`scores` of the same queries) may be given: its
+        argmax *is* the exact top-1, so no second search runs.
+        """
+        if self.exact and scores is not None:
+            return scores.argmax(1)
+        ids, _ = self.index.search(queries.float(), 1)
+        return ids[:, 0].to(queries.device).long()
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"means": self.means, **{f"index.{k}": v for k, v in self.index.state_dict().items()}}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.means = state["means"].float().cpu()
+        self._unit = None
         self.index.load_state_dict({k[len("index."):]: v for k, v in state.items() if k.startswith("index.")})
 
 

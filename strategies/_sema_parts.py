@@ -11,7 +11,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cl.mixture import ExpandableRouter
 
 __all__ = [
     "RepresentationDescriptor",
@@ -21,6 +24,7 @@ __all__ = [
     "layer_fires",
     "ExpansionSignal",
     "StopForward",
+    "CosineRouter",
 ]
 
 ZScore = Literal["abs", "upper"]
@@ -151,3 +155,24 @@ class ExpansionSignal(Exception):
 
 class StopForward(Exception):
     """Raised from a block-input hook once nothing after it is needed (RD phase, detection)."""
+
+
+class CosineRouter(ExpandableRouter):
+    """``router_init: cosine``: an expandable router whose logits are scaled cosine similarities.
+
+    ``logit_k(u) = scale * cos(u, w_k)`` for the token mean ``u`` ``(B, d)`` and column weights ``w_k`` (frozen and
+    pending alike); the column biases are kept (so parameters and checkpoints match :class:`ExpandableRouter`) but
+    unused. Every logit is bounded by ``±scale`` and depends only on directions, so a column trained while the old
+    ones are frozen cannot outweigh them by growing its norm or bias (the imbalance of ``specs/sema.md`` §12 row 10).
+    A new column starts from PyTorch's default init, as in ``faithful``. Cosine routing against representation
+    collapse: Chi et al., "On the Representation Collapse of Sparse Mixture of Experts", NeurIPS 2022.
+    """
+
+    def __init__(self, in_features: int, columns: int = 0, pending: int = 0, scale: float = 10.0) -> None:
+        super().__init__(in_features, columns, pending)
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = x.mean(dim=1) if x.ndim == 3 else x  # (B, d) token mean
+        w = torch.cat([self.weight] + [c.weight for c in self.pending_columns()])  # (K, d)
+        return self.scale * F.normalize(u.float(), dim=-1) @ F.normalize(w.float(), dim=-1).t()

@@ -20,10 +20,21 @@ Deviations and switches (mos.md §10):
   all T + 1 adapters run on every test batch in the code's order.
 - Official-mode statistics are computed per class in batches of ``3 * batch_size`` as in the code; paper mode uses
   one pass over the task with ``train.eval_batch_size`` (no mutation, so the batching does not matter).
+- Official-mode evaluation uses the code's test loader: batches of the training ``batch_size`` (48 / 32 / 16 per
+  dataset) over the seen classes' test images sorted by class (stable), whatever ``train.eval_batch_size`` says
+  (``Strategy.eval_batching``): the stored snapshots are merged 12 times per test batch, so the batching changes
+  the results (after task 1 and 240 test images at batch 48, ‖θ₁ − m₁‖ = 0.9⁶⁰ ‖θ₁^snap − m₁‖). Paper mode
+  evaluates with ``train.eval_batch_size`` in stream order (no mutation: the batching does not matter).
+- Prototypes (``replace_fc``) are computed in eval mode by default. The code computes those of tasks ≥ 1 with the
+  backbone left in train mode by classifier alignment, i.e. with adapter dropout (p = ``adapter_dropout``) active;
+  ``official_proto_train_mode: true`` (official mode only; set in the reproduction configs) does the same
+  (batches of ``batch_size``; dropout draws from the loop's seeded RNG).
 - The head is an :class:`~cl.heads.IncrementalLinear` grown per task instead of one full-size ``Linear``; the rows of
   future classes (which only receive weight decay in the code) are created when their task starts.
 - Sampling for classifier alignment uses Cholesky factors (float64, jitter raised only if a factorisation fails)
   and a seeded generator instead of ``MultivariateNormal.sample`` on the global RNG.
+- Prototype logits are exact cosine scores from the stored class means (one matmul); the retrieval index
+  (``index_backend``) serves only the top-1 of the initial guess ``g_0`` (exact for ``flat`` / ``torch``).
 - The loop only scores ``task_pred`` / ``task_pred_initial``; the prototype-only and head-only predictions are
   returned in ``Prediction.extras`` (``proto_pred``, ``head_pred``) for a loop that scores them. The adapter drift
   ‖θ_t − θ_0^snap‖ is logged (``mos_adapter_drift``) before each evaluation and after it.
@@ -31,14 +42,14 @@ Deviations and switches (mos.md §10):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from cl.adapters import BottleneckConfig, adapter_name
 from cl.config import StrategyConfig
@@ -80,7 +91,16 @@ class MosConfig(StrategyConfig):
         ensemble: add the prototype classifier's softmax to the head's.
         merge_mode: ``paper`` (one merge per step) or ``official`` (the code's in-place merging, mos.md §5.2).
         lazy_features: paper mode computes only the adapters the refinement needs (forced off in official mode).
-        index_backend: retrieval-index backend of the prototype classifier.
+        official_proto_train_mode: official mode only: compute the prototypes of tasks ≥ 1 with adapter dropout
+            active, as the code does (its classifier alignment leaves the backbone in train mode); default off
+            (eval mode, mos.md §6.4).
+        index_backend: retrieval-index backend of the prototype classifier's top-1 lookup (the initial task guess
+            ``g_0``). The ensemble's prototype logits are always exact cosine scores of every seen class (one matmul
+            over the stored means), whatever the backend. ``flat`` (default) and ``torch`` are exact: ``g_0`` is
+            the argmax of those scores, no second search runs; use them up to a few hundred thousand classes.
+            ``hnsw`` / ``ivf`` make ``g_0`` approximate and only pay off with very many classes (a sub-linear
+            top-1), never at the 50-300 classes of the paper's benchmarks; ``ivf`` searches exactly until
+            ``ivf_min_train_keys`` (1000) classes were added.
     """
 
     name: str = "mos"
@@ -105,6 +125,7 @@ class MosConfig(StrategyConfig):
     ensemble: bool = True
     merge_mode: Literal["paper", "official"] = "paper"
     lazy_features: bool = True
+    official_proto_train_mode: bool = False
     index_backend: Literal["torch", "flat", "hnsw", "ivf"] = "flat"
 
     def __post_init__(self) -> None:
@@ -118,6 +139,9 @@ class MosConfig(StrategyConfig):
                     "bottleneck"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"strategy.{key} must be positive, got {getattr(self, key)}")
+        if self.official_proto_train_mode and self.merge_mode != "official":
+            raise ValueError("strategy.official_proto_train_mode reproduces the official code and needs "
+                             "strategy.merge_mode: official")
         if not 0.0 <= self.adapter_momentum <= 1.0:
             raise ValueError(f"strategy.adapter_momentum must be in [0, 1], got {self.adapter_momentum}")
         if self.init_lr <= 0 or self.ca_lr <= 0 or self.orth_temperature <= 0:
@@ -283,12 +307,39 @@ class MosStrategy(Strategy):
         if self._proto_feats is not None:
             feats, labels = self._proto_feats
         else:
+            data = task.train.view("eval")
             with model.routing(Route.select(adapter_name(0))):
-                feats, labels = self.ctx.extract(model, task.train.view("eval"), desc=f"prototypes task {task.task_id}")
+                if self.official and self.cfg.official_proto_train_mode and task.task_id > 0:
+                    feats, labels = self.train_mode_features(model, data)
+                else:
+                    feats, labels = self.ctx.extract(model, data, desc=f"prototypes task {task.task_id}")
         classes = labels.unique(sorted=True)
         self.proto.add(classes, torch.stack([feats[labels == c].float().mean(0) for c in classes]))
         self._proto_feats = None
         self.log_drift(model, "before_eval")
+
+    @torch.no_grad()
+    def train_mode_features(self, model: CLModel, data: Any) -> tuple[Tensor, Tensor]:
+        """Features with the model in train mode (adapter dropout on; the frozen backbone stays in eval mode), in
+        batches of ``batch_size``: the code's ``replace_fc`` after ``classifer_align`` (``model.train()``)."""
+        was = model.training
+        model.train()
+        feats, labels = [], []
+        for x, y in self.ctx.loader(data, self.cfg.batch_size):
+            with self.ctx.autocast():
+                feats.append(model.features(self.ctx.to_device(x)).float().cpu())
+            labels.append(y)
+        model.train(was)
+        return torch.cat(feats), torch.cat(labels)
+
+    def eval_batching(self, dataset: Dataset) -> tuple[int | None, Sequence[int] | None]:
+        """Official mode: the code's test loader, batches of ``batch_size`` over the images sorted by class (stable:
+        each class in dataset order), since every test batch merges the stored snapshots (mos.md §5.2)."""
+        if not self.official:
+            return None, None
+        parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+        labels = torch.cat([labels_of(d).reshape(-1) for d in parts])
+        return self.cfg.batch_size, torch.sort(labels, stable=True).indices.tolist()
 
     def after_eval(self, model: CLModel, task: Task) -> None:
         self.log_drift(model, "after_eval")  # official mode mutates stored snapshots during evaluation
@@ -302,8 +353,8 @@ class MosStrategy(Strategy):
         task_of = self.task_of.to(x.device)
         with model.routing(Route.select(names[0])):
             f0 = model.features(x).float()
-        z_proto = self.proto.scores(f0, num_seen)
-        g0 = task_of[z_proto.argmax(1)]
+        z_proto = self.proto.scores(f0, num_seen)  # exact cosine logits of every seen class
+        g0 = task_of[self.proto.nearest(f0, z_proto)]  # top-1 prototype (through the index for hnsw / ivf)
         batch = x.shape[0]
         cache = f0.new_zeros(num_tasks, batch, f0.shape[1])
         have = torch.zeros(num_tasks, batch, dtype=torch.bool, device=x.device)

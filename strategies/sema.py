@@ -20,8 +20,17 @@ Deviations from the official code (each a documented switch or a change that doe
 - switches: ``adapter_scale`` (official effective 1.0), ``z_score: upper`` (one-sided), ``rd_training: joint`` (one
   optimiser over CE + sum of RD losses for ``func_epoch`` epochs, RD parameters at ``rd_lr``; paper Eq. 4),
   ``router_init: match_old_bias`` (a new router column's bias starts at the mean bias of the frozen columns, against
-  the imbalance of ``specs/sema.md`` section 12 row 10), ``prefix_cache`` (performance only; exact in float32 with
-  deterministic training inputs, i.e. ``stream.augment: none``). Any non-default value is a deviation.
+  the imbalance of ``specs/sema.md`` section 12 row 10), ``router_init: cosine`` (every column of an expandable
+  block's router scores the token mean by ``router_cosine_scale * cos(u, w_k)``, biases unused: logits bounded by
+  the scale, against the same imbalance; the official code has no such router), ``prefix_cache`` (performance
+  only; exact in float32 with deterministic training inputs, i.e. ``stream.augment: none``). Any non-default value
+  is a deviation.
+
+Diagnostics (no effect on training): ``eval_every_epoch`` evaluates on the seen tasks' test sets after every epoch of
+a classification phase (the official trainer does this for logging, section 7) and logs ``epoch_eval`` records to
+``metrics.jsonl`` (never into the accuracy matrix); ``sema_router_usage`` (section 10) records, after each task's
+evaluation, the mean softmax weight of every adapter at every expandable block over the evaluated test samples
+(gathered from the routers' own forward during that evaluation, no second pass).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from cl.model import CLModel
 from cl.strategy import Strategy, masked_cross_entropy, register_strategy
 from cl.types import Batch, Phase, StepOutput, Stream, Task
 from strategies._sema_parts import (
+    CosineRouter,
     ExpansionSignal,
     RepresentationDescriptor,
     StopForward,
@@ -87,7 +97,10 @@ class SemaConfig(StrategyConfig):
         momentum / weight_decay / batch_size: SGD settings shared by all phases. detect_batch_size: detection batch.
         adapter_scale: adapter output scale (official effective value 1.0).
         rd_training: ``sequential`` (official: two phases) or ``joint`` (one phase, CE + sum of RD losses).
-        router_init: ``faithful`` (default PyTorch init of a new column) or ``match_old_bias``.
+        router_init: ``faithful`` (default PyTorch init of a new column), ``match_old_bias`` or ``cosine``
+            (scaled-cosine logits, see the module docstring). router_cosine_scale: the scale s of ``cosine``.
+        eval_every_epoch: diagnostic test evaluation after every classification-phase epoch (``epoch_eval`` in
+            ``metrics.jsonl``; the accuracy matrix is unaffected).
         prefix_cache: from task 2 on, cache the input of the first expandable block per training image (needs
             ``stream.augment: none``).
     """
@@ -109,7 +122,9 @@ class SemaConfig(StrategyConfig):
     adapter_scale: float = 1.0
     z_score: Literal["abs", "upper"] = "abs"
     rd_training: Literal["sequential", "joint"] = "sequential"
-    router_init: Literal["faithful", "match_old_bias"] = "faithful"
+    router_init: Literal["faithful", "match_old_bias", "cosine"] = "faithful"
+    router_cosine_scale: float = 10.0
+    eval_every_epoch: bool = False
     prefix_cache: bool = False
     #: the official recipe uses SGD; ``adamw`` is a deviation for backbones/datasets where SGD at the paper's rates
     #: diverges or stalls (e.g. the CPU quickstart: DINOv2-S features, 120 images per task)
@@ -128,8 +143,10 @@ class SemaConfig(StrategyConfig):
         for key in ("init_lr", "rd_lr"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"strategy.{key} must be positive, got {getattr(self, key)}")
+        if self.router_cosine_scale <= 0:
+            raise ValueError(f"strategy.router_cosine_scale must be positive, got {self.router_cosine_scale}")
         choices = {"z_score": ("abs", "upper"), "rd_training": ("sequential", "joint"),
-                   "router_init": ("faithful", "match_old_bias")}
+                   "router_init": ("faithful", "match_old_bias", "cosine")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"strategy.{key}={getattr(self, key)!r}; valid choices: {', '.join(valid)}")
@@ -166,6 +183,7 @@ class SemaStrategy(Strategy):
         self._stats = _TaskStats()
         self._added: dict[int, int] = {}
         self._keepalive: list[nn.Parameter] = []
+        self._usage: dict[int, list[Tensor]] | None = None  # block -> [sum of softmax weights (K,), samples (1,)]
 
     # --- setup --------------------------------------------------------------------------------------------------
     def setup(self, model: CLModel, stream: Stream) -> None:
@@ -186,13 +204,18 @@ class SemaStrategy(Strategy):
         model.extras[RD_KEY] = nn.ModuleDict()
         for b in cfg.expandable_blocks:
             site = model.sites[self._site(b)]
-            site.router = ExpandableRouter(d, columns=0, pending=1).to(device)  # the task-1 placeholder column
+            site.router = self._new_router(d, columns=0, pending=1).to(device)  # the task-1 placeholder column
             site.route = Route.soft()
             _rd_lists(model)[str(b)] = nn.ModuleList([self._new_rd(d)])
             norm2 = cast("Block", model.backbone.blocks[b]).norm2
             self._handles.append(norm2.register_forward_pre_hook(functools.partial(self._on_block_input, b)))
         model.heads["main"] = IncrementalLinear(d, stream.num_classes).to(device)
         self._model = model
+
+    def _new_router(self, d: int, columns: int, pending: int) -> ExpandableRouter:
+        if self.cfg.router_init == "cosine":
+            return CosineRouter(d, columns, pending, self.cfg.router_cosine_scale)
+        return ExpandableRouter(d, columns, pending)
 
     def _adapter_cfg(self, blocks: tuple[int, ...] | None) -> BottleneckConfig:
         return BottleneckConfig(blocks=blocks, bottleneck=self.cfg.bottleneck, scale=self.cfg.adapter_scale)
@@ -325,7 +348,8 @@ class SemaStrategy(Strategy):
         cfg = self.cfg
         return Phase(name, params, epochs, data=data, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                      weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, scheduler="cosine",
-                     info={"round": self._stats.training_rounds})
+                     info={"round": self._stats.training_rounds},
+                     eval_every_epoch=cfg.eval_every_epoch and name != "sema_rd")
 
     def expand(self, model: CLModel, task_id: int, block: int) -> None:
         """Add a fresh adapter, RD (empty buffer) and router column at ``block``; they train in the next round."""
@@ -419,6 +443,37 @@ class SemaStrategy(Strategy):
         )
         self._expanded, self._keepalive = set(), []
         self._tasks_done += 1
+        self._usage = {}  # collect router usage during the evaluation that follows
+
+    # --- inference and router usage (section 10) -------------------------------------------------------------------
+    def predict(self, model: CLModel, x: Tensor) -> Tensor:
+        """Logits over the seen classes (one forward, every adapter mixed by its router's softmax, section 9)."""
+        if self._usage is None:
+            return model(x)[:, : self.ctx.num_seen]
+        handles = [self._router(model, b).register_forward_hook(functools.partial(self._record_usage, b))
+                   for b in self.cfg.expandable_blocks]
+        try:
+            return model(x)[:, : self.ctx.num_seen]
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _record_usage(self, block: int, _module: nn.Module, _args: tuple, logits: Tensor) -> None:
+        assert self._usage is not None
+        w = torch.softmax(logits.detach().float(), dim=-1)  # (B, K): the weights the site mixes with
+        acc = self._usage.get(block)
+        if acc is None or acc[0].shape[0] != w.shape[1]:
+            acc = self._usage[block] = [w.new_zeros(w.shape[1]), w.new_zeros(1)]
+        acc[0] += w.sum(0)
+        acc[1] += w.shape[0]
+
+    def after_eval(self, model: CLModel, task: Task) -> None:
+        """Log ``sema_router_usage``: per expandable block, the mean softmax weight of each adapter (oldest first)."""
+        usage, self._usage = self._usage, None
+        if usage:
+            self.ctx.event("sema_router_usage",
+                           router_usage={str(b): (s / n).tolist() for b, (s, n) in sorted(usage.items())},
+                           samples=int(next(iter(usage.values()))[1]))
 
     def expansion_info(self, model: CLModel) -> dict[str, Any]:
         """P(t) = adapters + router columns (RDs and head excluded); P_ref(t) = one module per site per task."""
@@ -442,6 +497,13 @@ class SemaStrategy(Strategy):
         return {"rd_counts": counts, "base_done": self._base_done, "tasks_done": self._tasks_done}, {}
 
     def rebuild(self, model: CLModel, meta: dict[str, Any]) -> None:
+        if self.cfg.router_init == "cosine":  # load_structure recreated plain routers: same parameters, cosine logits
+            for b in self.cfg.expandable_blocks:
+                site = model.sites[self._site(b)]
+                old = site.router
+                assert old is not None
+                site.router = self._new_router(old.in_features, old.weight.shape[0], len(old.pending)).to(
+                    old.weight.device)
         for block, count in meta["rd_counts"].items():
             rds = _rd_lists(model)[block]
             while len(rds) < count:

@@ -14,6 +14,8 @@ from cl.registries import STRATEGIES
 
 pytest.importorskip("avalanche")
 warnings.filterwarnings("ignore", message=".*QP solver.*")
+# the tiny configs use a random test_vit on purpose (the bare-config test checks the warning itself)
+pytestmark = pytest.mark.filterwarnings("ignore:ClsimStrategy. backbone .* is randomly initialised")
 
 TINY = ["train.epochs=1", "train.checkpoint=false", "stream.train_images_per_class=8", "stream.test_images_per_class=4"]
 
@@ -296,3 +298,106 @@ def test_bridge_preprocesses_every_input_path(native, smoke_config):
     strat.experience = bm.test_stream[0]
     strat.eval_dataset_adaptation()
     assert torch.equal(strat.adapted_dataset[0][0], prep.eval_view(bm.test_stream[0].dataset[0][0]))
+
+
+# --- issue 11: session.evaluate without benchmark=, unhonoured plugins, model= / backbone= ----------------------------
+@pytest.mark.parametrize("origin", [True, False])
+def test_session_evaluate_without_benchmark_fails_in_one_line(origin, smoke_config):
+    """Before: ``torch.cat(): expected a non-empty list`` (eager stream) or an evaluation on the *training* images
+    (lazy stream). Now one line naming the fix; with ``benchmark=`` the session evaluates."""
+    from copy import copy
+
+    from avalanche.benchmarks.scenarios import CLStream
+
+    from cl.errors import DataError
+    from cl.integrations.avalanche import ClsimStrategy, stream_to_avalanche
+
+    cfg = _cfg(smoke_config, "finetune")
+    bm = stream_to_avalanche(_stream(cfg))
+    strat = ClsimStrategy(config=cfg, evaluator=_quiet_evaluator())
+    train = bm.train_stream if origin else CLStream("train", (copy(e) for e in bm.train_stream))
+    strat.train(next(iter(train)))
+    with pytest.raises(DataError, match=r"no test data for task\(s\) \[0\].*pass ClsimStrategy\(benchmark=") as err:
+        strat.session.evaluate(0)
+    assert "\n" not in str(err.value)
+    with_bm = ClsimStrategy(config=cfg, benchmark=bm, evaluator=_quiet_evaluator())
+    with_bm.train(bm.train_stream[0])
+    row = with_bm.session.evaluate(0)["row"]
+    assert len(row) == 1 and row[0] is not None
+
+
+def test_unhonoured_plugins_warn_once_each_by_name(smoke_config):
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
+
+    from cl.integrations.avalanche import ClsimStrategy, IgnoredPluginWarning, stream_to_avalanche
+
+    class EvalOnly(SupervisedPlugin):  # honoured: evaluation callbacks fire as in Avalanche
+        def after_eval_exp(self, strategy, **kwargs):
+            pass
+
+    class DuckLoss:  # a duck-typed plugin changing the loss
+        def before_backward(self, strategy, **kwargs):
+            pass
+
+    cfg = _cfg(smoke_config, "finetune")
+    bm = stream_to_avalanche(_stream(cfg))
+    plugins = [ReplayPlugin(mem_size=10), LwFPlugin(), EWCPlugin(ewc_lambda=1.0), EvalOnly(), DuckLoss()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ClsimStrategy(config=cfg, benchmark=bm, evaluator=_quiet_evaluator(), plugins=plugins)
+    ignored = [str(w.message) for w in caught if issubclass(w.category, IgnoredPluginWarning)]
+    names = [m.split("plugin ")[1].split(":")[0] for m in ignored]
+    assert names == ["ReplayPlugin", "LwFPlugin", "EWCPlugin", "DuckLoss"]  # one each, in order; EvalOnly honoured
+    assert "before_training_exp" in ignored[0] and "before_backward" in ignored[1]
+
+
+def test_bare_config_warns_and_model_argument_is_used(smoke_config, tmp_path):
+    import timm
+
+    from cl.errors import BackboneError
+    from cl.integrations.avalanche import (
+        ClsimStrategy,
+        RandomBackboneWarning,
+        load_clsim_checkpoint,
+        save_clsim_checkpoint,
+        stream_to_avalanche,
+    )
+
+    with pytest.warns(RandomBackboneWarning, match="randomly initialised.*model="):
+        ClsimStrategy(config="finetune", evaluator=_quiet_evaluator())  # the issue's bare call
+    cfg = _cfg(smoke_config, "finetune")
+    bm = stream_to_avalanche(_stream(cfg))
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32)
+    with torch.no_grad():
+        vit.blocks[0].mlp.fc1.weight.add_(0.25)  # weights the config could not rebuild
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomBackboneWarning)
+        strat = ClsimStrategy(config=cfg, benchmark=bm, model=vit, evaluator=_quiet_evaluator())
+    assert strat.model.backbone is vit and vit.num_classes == 0 and not vit.training
+    assert not any(p.requires_grad for p in vit.parameters())
+    strat.train(bm.train_stream[0])
+    acc = strat.eval(bm.test_stream[:1])["Top1_Acc_Stream/eval_phase/test_stream"]
+    path = tmp_path / "c.ckpt"
+    save_clsim_checkpoint(strat, path)
+    other = ClsimStrategy(config=cfg, benchmark=bm, backbone=timm.create_model("test_vit", img_size=32),
+                          evaluator=_quiet_evaluator())
+    other, start = load_clsim_checkpoint(other, path)  # the checkpoint carries the user's backbone
+    assert start == 1
+    assert torch.equal(other.model.backbone.blocks[0].mlp.fc1.weight, vit.blocks[0].mlp.fc1.weight)
+    test = bm.test_stream[0].dataset.eval()
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    strat.model.eval()
+    other.model.eval()
+    with torch.no_grad():  # exactly the same function (the pickled backbone must not bring the old session's hooks)
+        assert torch.equal(other.model(x), strat.model(x))
+    assert other.eval(bm.test_stream[:1])["Top1_Acc_Stream/eval_phase/test_stream"] == pytest.approx(acc)
+    hooks = len(vit.blocks[0].norm2._forward_pre_hooks)
+    lazy_vit = timm.create_model("test_vit", img_size=32)
+    lazy = ClsimStrategy(config=cfg, model=lazy_vit, evaluator=_quiet_evaluator())
+    lazy.train(bm.train_stream[0])  # no benchmark=: the session is rebuilt on the origin stream, same backbone
+    assert lazy.model.backbone is lazy_vit and len(lazy_vit.blocks[0].norm2._forward_pre_hooks) == hooks
+    with pytest.raises(ValueError, match="not both"):
+        ClsimStrategy(config=cfg, model=vit, backbone=vit)
+    with pytest.raises(BackboneError, match="timm VisionTransformer"):
+        ClsimStrategy(config=cfg, model=torch.nn.Linear(4, 4))

@@ -44,13 +44,14 @@ def _model_12_blocks() -> CLModel:
     return CLModel(vit, DataSpec(32, (0.5,) * 3, (0.5,) * 3, 32, 12))
 
 
-def _strategy_after_task1(tiny_stream, merge_mode: str):
+def _strategy_after_task1(tiny_stream, merge_mode: str, **cfg):
     """Strategy + model positioned at task 1 with random adapter values: t000 = θ0 (snapshot), t001 = θ."""
     model = _model_12_blocks()
     ctx = RunContext(TrainConfig(device="cpu", progress=False, batch_size=4, eval_batch_size=8),
                      torch.device("cpu"), 0, JsonlLog(None))
     ctx.stream = tiny_stream
-    strat = MosStrategy(MosConfig(merge_mode=merge_mode, adapter_dropout=0.0, index_backend="torch"), ctx)
+    cfg = {"adapter_dropout": 0.0, "index_backend": "torch", **cfg}
+    strat = MosStrategy(MosConfig(merge_mode=merge_mode, **cfg), ctx)
     strat.setup(model, tiny_stream)
     gen = torch.Generator().manual_seed(1)
     ctx.task = tiny_stream.tasks[0]
@@ -124,6 +125,65 @@ def test_official_eval_batch_merges_stored_snapshot_12_times(tiny_stream):
     assert torch.equal(flat_params(strat.set_params(model, 0)), theta0)  # adapter 0 is never merged
 
 
+def test_official_eval_uses_the_code_test_batch_and_order():
+    """Issue 11: after task 1 and 240 test images at the official batch 48 (5 test batches, 12 merges each),
+    ||θ1 - m1|| / ||θ1^snap - m1|| = 0.9^60, whatever ``train.eval_batch_size`` says (8 here: 0.9^360)."""
+    from cl.loop import _evaluate
+    from cl.types import labels_of
+    from streams.synthetic import SyntheticConfig, build_synthetic
+
+    stream = build_synthetic(SyntheticConfig(num_classes=4, increment=2, train_images_per_class=4,
+                                             test_images_per_class=60), 32)
+    strat, model, ctx = _strategy_after_task1(stream, "official", batch_size=48)
+    _finish_task1(strat, model, ctx)
+    theta0, theta1 = strat.snapshots  # m1 = θ0^snap
+    seen_batches = []
+    predict = strat.predict
+
+    def recording_predict(model, x):
+        seen_batches.append(len(x))
+        return predict(model, x)
+
+    strat.predict = recording_predict
+    ev = _evaluate(model, strat, stream, 1, ctx, future=False)
+    assert seen_batches == [48] * 5 and len(ev["row"]) == 2
+    ratio = float((flat_params(strat.set_params(model, 1)) - theta0).norm() / (theta1 - theta0).norm())
+    assert ratio == pytest.approx(0.9**60, rel=1e-3)
+    # the code's order: the seen classes' test images sorted by class, each class in dataset order
+    ds = torch.utils.data.ConcatDataset([t.test for t in stream.tasks[:2]])
+    batch, order = strat.eval_batching(ds)
+    labels = labels_of(stream.tasks[0].test).tolist() + labels_of(stream.tasks[1].test).tolist()
+    assert batch == 48 and [labels[i] for i in order] == sorted(labels)
+    assert all(a < b for a, b in zip(order, order[1:], strict=False) if labels[a] == labels[b])
+    paper, _, _ = _strategy_after_task1(stream, "paper")
+    assert paper.eval_batching(ds) == (None, None)  # paper mode: train.eval_batch_size, stream order
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_official_prototypes_of_later_tasks_with_adapter_dropout(tiny_stream, train_mode):
+    """``official_proto_train_mode``: the code computes the prototypes of tasks >= 1 in train mode (dropout on)."""
+    from cl.mixture import Route
+
+    strat, model, ctx = _strategy_after_task1(tiny_stream, "official", adapter_dropout=0.5, batch_size=4,
+                                              official_proto_train_mode=train_mode)
+    with torch.no_grad():
+        for p in strat.set_params(model, 0):  # non-zero up-projections, so that dropout changes the features
+            p.add_(0.5)
+    strat.snapshots.append(flat_params(strat.set_params(model, 1)))
+    task = ctx.task
+    with model.routing(Route.select("t000")):
+        feats, labels = ctx.extract(model, task.train.view("eval"))
+    eval_means = torch.stack([feats[labels == c].mean(0) for c in task.labels])
+    torch.manual_seed(0)
+    model.eval()  # as the loop leaves it after the last phase
+    strat.after_task(model, task)
+    got = strat.proto.means[task.labels]
+    assert torch.allclose(got, eval_means, atol=1e-5) is not train_mode
+    assert not model.training  # the mode is restored
+    with pytest.raises(ValueError, match="merge_mode: official"):
+        MosConfig(merge_mode="paper", official_proto_train_mode=True)
+
+
 def test_paper_eval_leaves_snapshots_bit_identical(tiny_stream):
     strat, model, ctx = _strategy_after_task1(tiny_stream, "paper")
     x = _finish_task1(strat, model, ctx)
@@ -173,7 +233,7 @@ def test_class_statistics_and_gaussian_sampling_reproduce_them():
 
 
 # --- inference -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "flat"])
+@pytest.mark.parametrize("backend", ["torch", "flat", "hnsw", "ivf"])
 def test_prototype_lookups_equal_direct_cosine(backend):
     gen = torch.Generator().manual_seed(0)
     index = PrototypeIndex(backend, 16)
@@ -182,7 +242,39 @@ def test_prototype_lookups_equal_direct_cosine(backend):
     index.add(torch.arange(4, 7), means[4:])
     q = torch.randn(5, 16, generator=gen)
     want = F.normalize(q, dim=-1) @ F.normalize(means, dim=-1).t()
-    assert torch.allclose(index.scores(q, 7), want, atol=1e-5)
+    scores = index.scores(q, 7)
+    assert torch.allclose(scores, want, atol=1e-5)
+    assert torch.allclose(index.scores(q, 4), want[:, :4], atol=1e-5)  # only the seen classes
+    assert torch.equal(index.nearest(q), want.argmax(1)) and torch.equal(index.nearest(q, scores), want.argmax(1))
+
+
+def test_prototype_scores_every_class_with_a_trained_ivf_index(monkeypatch):
+    """Issue 11: IVF trained on 100 keys (nlist 20, nprobe 2), 200 classes. Searching the index with k = 200 scored
+    ~21 classes and left the rest at -inf in the ensemble; the scores now come from the stored means."""
+    from cl.retrieval import IndexConfig
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 768, generator=gen)
+    means = centres.repeat_interleave(10, 0) + 0.5 * torch.randn(200, 768, generator=gen)  # clustered prototypes
+    cfg = IndexConfig(backend="ivf", metric="cosine", ivf_nlist=20, ivf_nprobe=2, ivf_min_train_keys=100)
+    proto = PrototypeIndex("ivf", 768, cfg)
+    proto.add(torch.arange(100), means[:100])  # 100 keys: the IVF index trains here
+    proto.add(torch.arange(100, 200), means[100:])
+    assert proto.index.is_trained and proto.index._index.nlist == 20 and proto.index._index.nprobe == 2
+    q = means[::7] + 0.3 * torch.randn(29, 768, generator=gen)
+    want = F.normalize(q, dim=-1) @ F.normalize(means, dim=-1).t()
+
+    def no_search(*_args, **_kwargs):
+        raise AssertionError("class scores must not go through the approximate index")
+
+    monkeypatch.setattr(proto.index, "search", no_search)
+    scores = proto.scores(q, 200)
+    assert scores.shape == (29, 200) and bool(torch.isfinite(scores).all())  # every class has a score
+    torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    top1 = proto.nearest(q)  # the top-1 lookup is the index's (approximate, but a real class)
+    assert bool(((top1 >= 0) & (top1 < 200)).all())
+    assert float((top1 == want.argmax(1)).float().mean()) >= 0.7  # nprobe 2 of 20: approximate
 
 
 def test_self_refinement_stops_on_repeat_and_at_cap():

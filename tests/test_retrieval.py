@@ -218,3 +218,83 @@ def test_torch_index_device(device):
     ids, scores = index.search(torch.eye(8)[:3], 1)
     assert ids.device == torch.device("cpu") and ids[:, 0].tolist() == [0, 1, 2]
     torch.testing.assert_close(scores[:, 0], torch.ones(3))
+
+
+# --- k results whenever the index holds >= k keys (issue 11) ----------------------------------------------------------
+def _issue_cfg(backend: str, metric: str) -> IndexConfig:
+    """The issue's settings: default HNSW (efSearch 64 < k), IVF trained on 100 keys with nlist 20 and nprobe 2."""
+    return IndexConfig(backend=backend, metric=metric, ivf_nlist=20, ivf_nprobe=2, ivf_min_train_keys=100)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_results_whenever_at_least_k_keys(backend, metric):
+    """200 clustered 768-d keys, k up to 200: before the fix HNSW returned ~170-188 ids per query and IVF ~20."""
+    keys = _clustered(200, 768, num_clusters=10, spread=0.7, seed=0)
+    queries = _clustered(40, 768, num_clusters=10, spread=0.7, seed=1)
+    index = build_index(_issue_cfg(backend, metric), 768)
+    index.add(keys[:100], np.arange(100))
+    index.add(keys[100:], np.arange(100, 200))
+    assert getattr(index, "is_trained", True)
+    ref = TorchIndex(768, IndexConfig(backend="torch", metric=metric))
+    ref.add(keys, np.arange(200))
+    for k in (1, 64, 150, 200):
+        ids, scores = index.search(queries, k)
+        assert bool((ids >= 0).all()) and bool(torch.isfinite(scores).all()), f"{backend} k={k}: missing results"
+        assert all(len(set(row)) == k for row in ids.tolist()), "duplicate ids"
+        assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+    ids, scores = index.search(queries, 200)  # k = every key: the full ranking, same scores as the exact reference
+    assert all(sorted(row) == list(range(200)) for row in ids.tolist())
+    ref_ids, ref_scores = ref.search(queries, 200)
+    got = torch.gather(scores, 1, ids.argsort(1))  # scores by id
+    want = torch.gather(ref_scores, 1, ref_ids.argsort(1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))  # fp32 vs exact
+    ids, scores = index.search(queries[:3], 230)  # more than the index holds: 200 results, then padding
+    assert bool((ids[:, :200] >= 0).all()) and bool((ids[:, 200:] == -1).all())
+    assert bool(torch.isneginf(scores[:, 200:]).all())
+
+
+def test_hnsw_short_graph_answer_falls_back_to_exact_search():
+    """If HNSW still answers short (unreachable graph part), those queries are answered exactly from the key copy."""
+    keys = _clustered(120, 32, num_clusters=6, spread=0.5, seed=3)
+    index = FaissIndex(32, IndexConfig(backend="hnsw", metric="l2"))
+    index.add(keys, np.arange(120))
+    real = index._index
+
+    class Truncating:  # drops the last 30 results of every other query, as a partly unreachable graph would
+        def search(self, x, k, params=None):
+            dist, labels = real.search(x, k, params=params)
+            labels[::2, -30:] = -1
+            dist[::2, -30:] = np.finfo(np.float32).max
+            return dist, labels
+
+    index._index = Truncating()
+    ids, scores = index.search(keys[:10], 100)
+    ref = TorchIndex(32, IndexConfig(backend="torch", metric="l2"))
+    ref.add(keys, np.arange(120))
+    ref_ids, ref_scores = ref.search(keys[:10], 100)
+    assert bool((ids >= 0).all())
+    assert torch.equal(ids[::2], ref_ids[::2])  # the exact answers replaced the short ones
+    torch.testing.assert_close(scores[::2], ref_scores[::2])
+
+
+def test_torch_index_l2_is_exact_at_large_norms():
+    """The issue's example: |x|^2 ~ 1.2e4 and a true squared distance of 0.0719 (fp32 expansion gave 0.0684)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 768, generator=gen, dtype=torch.float64)
+    x = x * (1.2e4 / x.pow(2).sum()).sqrt()
+    delta = torch.randn(1, 768, generator=gen, dtype=torch.float64)
+    delta = delta * (0.0719 / delta.pow(2).sum()).sqrt()
+    key, query = x.float(), (x + delta).float()
+    true = float((query.double() - key.double()).pow(2).sum())  # the distance between the stored fp32 vectors
+    assert true == pytest.approx(0.0719, rel=1e-3)
+    naive = float(query.pow(2).sum() + key.pow(2).sum() - 2 * (query @ key.T).squeeze())
+    assert naive != pytest.approx(true, rel=1e-3)  # the fp32 expansion is off (why the reference must not use it)
+    index = TorchIndex(768, IndexConfig(backend="torch", metric="l2"))
+    index.add(torch.cat([key, key + 1.0]), [7, 8])
+    ids, scores = index.search(query, 2)
+    assert ids[0].tolist() == [7, 8]
+    assert -float(scores[0, 0]) == pytest.approx(true, rel=1e-6)
+    ivf = FaissIndex(768, IndexConfig(backend="ivf", metric="l2"))  # the pending buffer uses the same exact search
+    ivf.add(torch.cat([key, key + 1.0]), [7, 8])
+    assert -float(ivf.search(query, 1)[1][0, 0]) == pytest.approx(true, rel=1e-6)

@@ -349,3 +349,106 @@ def test_prefix_cache_refuses_augmented_streams(smoke_config) -> None:
     with pytest.raises(ValueError, match="prefix_cache"):
         session(smoke_config, "strategy.prefix_cache=true", "stream.augment=flip")
 
+
+
+# --- switches and diagnostics of issue 11: router_init cosine, eval_every_epoch, router_usage -------------------------
+def test_cosine_router_logits_are_scaled_cosines() -> None:
+    from strategies._sema_parts import CosineRouter
+
+    torch.manual_seed(0)
+    r = CosineRouter(16, columns=2, pending=1, scale=5.0)
+    x = torch.randn(3, 7, 16) * 40  # (B, N, d): large inputs, logits stay bounded
+    w = torch.cat([r.weight, r.pending_columns()[0].weight])
+    want = 5.0 * torch.nn.functional.normalize(x.mean(1), dim=-1) @ torch.nn.functional.normalize(w, dim=-1).t()
+    logits = r(x)
+    torch.testing.assert_close(logits, want)
+    assert logits.shape == (3, 3) and bool((logits.abs() <= 5.0 + 1e-5).all())
+    with torch.no_grad():
+        r.bias.fill_(100.0)  # biases play no part
+        r.pending_columns()[0].weight.mul_(1000.0)  # nor do column norms
+    torch.testing.assert_close(r(x), want)
+    logits = r(x)
+    logits[:, 2].sum().backward()  # only the pending column trains
+    assert r.pending_columns()[0].weight.grad is not None and r.weight.grad is None
+    r.merge()
+    assert r.weight.shape == (3, 16) and isinstance(r, CosineRouter)
+
+
+def test_router_init_cosine_trains_expands_and_survives_rebuild(smoke_config) -> None:
+    from strategies._sema_parts import CosineRouter
+
+    sess = session(smoke_config, "strategy.router_init=cosine", "strategy.router_cosine_scale=4.0",
+                   stream=shifted_stream())
+    for task in sess.stream.tasks[:2]:  # base domain, then the darkened task
+        sess.train_task(task)
+    model = sess.model
+    assert all(isinstance(router(model, b), CosineRouter) for b in BLOCKS)
+    assert any(router(model, b).weight.shape[0] > 1 for b in BLOCKS)  # the darkened task expanded somewhere
+    probe = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    before = {b: router(model, b)(probe).detach() for b in BLOCKS}
+    assert all(bool((v.abs() <= 4.0 + 1e-5).all()) for v in before.values())
+    state = snapshot(model)
+    model.load_structure(model.structure())  # what resume does: fresh plain ExpandableRouters of the same shapes
+    sess.strategy.rebuild(model, sess.strategy.state()[0])
+    assert all(isinstance(router(model, b), CosineRouter) for b in BLOCKS)
+    model.load_state_dict(state, strict=False)
+    for b in BLOCKS:
+        torch.testing.assert_close(router(model, b)(probe), before[b])
+    with pytest.raises(ConfigError, match="router_init"):
+        build_dataclass(SemaConfig, {"name": "sema", "router_init": "uniform"}, "strategy")
+
+
+def _records(run_dir, event: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def test_eval_every_epoch_and_router_usage_are_diagnostics_only(tmp_path) -> None:
+    over = [*FAST, "strategy.exp_threshold=0.5", "stream.num_classes=4"]  # 2 tasks; low tau: task 2 expands
+    ref = run(load_config("configs/smoke.yaml", [f"out={tmp_path / 'ref'}", *over]), figures=lambda *a: None)
+    diag_cfg = load_config("configs/smoke.yaml", [f"out={tmp_path / 'diag'}", *over, "strategy.eval_every_epoch=true"])
+    diag = run(diag_cfg, figures=lambda *a: None)
+    assert diag["accuracy_matrix"] == ref["accuracy_matrix"]  # the extra evaluations change nothing
+    assert diag["events"] == ref["events"]
+    run_dir = tmp_path / "diag" / "smoke_sema" / "0"
+    epochs = _records(run_dir, "epoch_eval")
+    cls_epochs = [r for r in _records(run_dir, "train_epoch") if r["phase"] != "sema_rd"]
+    assert len(epochs) == len(cls_epochs) > 0  # one per classification-phase epoch, none for the RD phase
+    assert all(r["phase"] != "sema_rd" and len(r["test/accuracy_row"]) == r["task"] + 1 for r in epochs)
+    last = [r for r in epochs if r["task"] == 1][-1]  # the last epoch's diagnostic = the task's evaluation row
+    assert last["test/accuracy_row"] == ref["accuracy_matrix"][1]
+    assert _records(tmp_path / "ref" / "smoke_sema" / "0", "epoch_eval") == []  # off by default
+    # router usage (specs/sema.md section 10): one record per task, per expandable block, weights averaging to 1
+    usage = [e for e in diag["events"] if e["event"] == "sema_router_usage"]
+    assert [e["task"] for e in usage] == [0, 1]
+    k_after = {e["task"]: e["adapters_per_layer"] for e in diag["events"] if e["event"] == "sema_task"}
+    for e in usage:
+        assert e["samples"] == sum(ref["tasks"][t]["n_test"] for t in range(e["task"] + 1))
+        assert set(e["router_usage"]) == {str(b) for b in BLOCKS}
+        for b, w in e["router_usage"].items():
+            assert len(w) == k_after[e["task"]][int(b)] and sum(w) == pytest.approx(1.0, abs=1e-5)
+    assert any(len(w) > 1 for w in usage[1]["router_usage"].values())
+
+
+def test_router_usage_equals_the_mean_router_softmax_on_the_test_set(shifted_run) -> None:
+    sess = shifted_run[0]
+    model, strat = sess.model, sess.strategy
+    upto = len(sess.stream.tasks) - 1
+    strat._usage = {}  # as after_task leaves it
+    sess.evaluate(upto)
+    got = [e for e in sess.ctx.events if e["event"] == "sema_router_usage"][-1]["router_usage"]
+    # independent: the block inputs of every test image, through each router, softmax, mean
+    captured: dict[int, list[torch.Tensor]] = {b: [] for b in BLOCKS}
+    hooks = [model.backbone.blocks[b].norm2.register_forward_pre_hook(
+        lambda _m, args, b=b: captured[b].append(args[0].detach())) for b in BLOCKS]
+    try:
+        for t in sess.stream.tasks:
+            with torch.no_grad():
+                model(torch.stack([t.test[i][0] for i in range(len(t.test))]))
+    finally:
+        for h in hooks:
+            h.remove()
+    for b in BLOCKS:
+        h = torch.cat(captured[b])
+        want = torch.softmax(router(model, b)(h).float(), dim=-1).mean(0)
+        torch.testing.assert_close(torch.tensor(got[str(b)]), want, atol=1e-5, rtol=1e-5)

@@ -21,6 +21,7 @@ import hashlib
 import tempfile
 import warnings
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -41,7 +42,9 @@ with warnings.catch_warnings():  # avalanche warns at import that the optional Q
     from avalanche.training.plugins.evaluation import default_evaluator
     from avalanche.training.templates import SupervisedTemplate
 
+from cl.backbone import DataSpec, adopt_backbone
 from cl.config import ExperimentConfig, config_to_dict, load_config
+from cl.errors import DataError
 from cl.loop import Session, derive_seed, load_run_checkpoint, resolve_device, rng_scope, save_run_checkpoint
 from cl.plugins import load_builtin
 from cl.strategy import check_loss_classes
@@ -52,7 +55,22 @@ if TYPE_CHECKING:
     from cl.model import CLModel
 
 __all__ = ["ClsimStrategy", "avalanche_to_stream", "stream_to_avalanche", "ExpansionMetric", "TaskRetrievalMetric",
-           "save_clsim_checkpoint", "load_clsim_checkpoint"]
+           "save_clsim_checkpoint", "load_clsim_checkpoint", "IgnoredPluginWarning", "RandomBackboneWarning"]
+
+
+class IgnoredPluginWarning(UserWarning):
+    """A plugin passed to :class:`ClsimStrategy` acts through callbacks or objects clsim's training does not use."""
+
+
+class RandomBackboneWarning(UserWarning):
+    """:class:`ClsimStrategy` built a backbone without pretrained weights (no ``model=``, no weights in the config)."""
+
+
+#: training callbacks that never fire in the bridge (clsim trains each experience in its own loop)
+_NEVER_FIRED = ("before_training_iteration", "after_training_iteration", "before_forward", "after_forward",
+                "before_backward", "after_backward", "before_update", "after_update")
+#: callbacks that fire, but whose usual effect (a new dataset, dataloader, optimizer or scheduler) clsim ignores
+_INEFFECTIVE = ("before_training_exp", "before_train_dataset_adaptation", "after_train_dataset_adaptation")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,26 +263,67 @@ def _fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs")
+
+
+def _hook_free(backbone: nn.Module, copy: bool) -> nn.Module:
+    """``backbone`` without the forward hooks a session installed (adapter sites, strategy hooks): a deep copy made
+    with the hooks left out (``copy=True``), or the module itself with its hooks removed. A new session installs
+    its own; the old ones would add a second set of adapter outputs."""
+    saved = [(m, {a: m.__dict__[a] for a in _HOOK_DICTS if a in m.__dict__}) for m in backbone.modules()]
+    for m, hooks in saved:
+        for a, v in hooks.items():
+            m.__dict__[a] = type(v)()
+    if not copy:
+        return backbone
+    try:
+        return deepcopy(backbone)
+    finally:
+        for m, hooks in saved:
+            m.__dict__.update(hooks)
+
+
+class _BridgeSession(Session):
+    """The bridge's session: :meth:`evaluate` fails in one line when the evaluated tasks have no test data (the
+    strategy was built without ``benchmark=``, so only training experiences reached it)."""
+
+    def evaluate(self, upto: int, future: bool = False) -> dict[str, Any]:
+        tasks = self.stream.tasks if future else self.stream.tasks[: upto + 1]
+        empty = [t.task_id for t in tasks if len(t.test) == 0]
+        if empty or not tasks:
+            raise DataError(f"session.evaluate({upto}): no test data for task(s) {empty or [upto]}: the clsim session "
+                            f"only has the test sets of a benchmark; pass ClsimStrategy(benchmark=...) or evaluate "
+                            f"with strategy.eval(benchmark.test_stream)")
+        return super().evaluate(upto, future)
+
+
 class _SessionBox:
     """Holds the clsim session; pickles as a clsim task-boundary checkpoint (no backbone), rebuilt on unpickling."""
 
     _FILES = ("state.json", "tensors.safetensors")
 
-    def __init__(self, session: Session, cfg: ExperimentConfig, done: int = 0) -> None:
+    def __init__(self, session: Session, cfg: ExperimentConfig, done: int = 0, adopted: bool = False) -> None:
         self.session, self.cfg, self.done = session, cfg, done
+        self.adopted = adopted  # the backbone came from model= (it cannot be rebuilt from the config)
 
     def __getstate__(self) -> dict[str, Any]:
         s = self.session
         with tempfile.TemporaryDirectory() as d:
             save_run_checkpoint(Path(d), s.model, s.strategy, {}, self.done - 1, "avalanche")
             files = {f: (Path(d) / f).read_bytes() for f in self._FILES}
-        return {"cfg": self.cfg, "stream": s.stream, "done": self.done, "files": files,
-                "backbone": _fingerprint(s.model.backbone)}
+        state = {"cfg": self.cfg, "stream": s.stream, "done": self.done, "files": files,
+                 "backbone": _fingerprint(s.model.backbone)}
+        if self.adopted:  # a user-given backbone travels with the checkpoint (without this session's hooks)
+            state["backbone_module"] = _hook_free(s.model.backbone, copy=True)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         cfg, stream = state["cfg"], state["stream"]
+        given = state.get("backbone_module")
         with rng_scope(cfg.seed, resolve_device(cfg.train.device)):
-            s = Session.create(cfg, stream=stream)
+            s = _BridgeSession.create(cfg, stream=stream,
+                                      backbone=adopt_backbone(given, cfg.backbone) if given is not None else None)
         if _fingerprint(s.model.backbone) != state["backbone"]:
             raise RuntimeError(f"the backbone rebuilt from the config ({cfg.backbone.name}) differs from the one "
                                f"the checkpoint was trained with")
@@ -273,7 +332,29 @@ class _SessionBox:
                 (Path(d) / f).write_bytes(data)
             load_run_checkpoint(Path(d), s.model, s.strategy, {}, "avalanche")
         s.ctx.task = stream.tasks[state["done"] - 1] if state["done"] else None
-        self.session, self.cfg, self.done = s, cfg, state["done"]
+        self.session, self.cfg, self.done, self.adopted = s, cfg, state["done"], given is not None
+
+
+def _warn_unhonoured(plugins: Any) -> None:
+    """One :class:`IgnoredPluginWarning` per plugin the bridge cannot honour (see :class:`ClsimStrategy`)."""
+    from avalanche.core import BaseSGDPlugin
+    from avalanche.training.plugins import EvaluationPlugin
+
+    for plugin in plugins or []:
+        if isinstance(plugin, EvaluationPlugin):
+            continue
+        never = [n for n in _NEVER_FIRED if getattr(type(plugin), n, None) not in (None, getattr(BaseSGDPlugin, n))]
+        moot = [n for n in _INEFFECTIVE if getattr(type(plugin), n, None) not in (None, getattr(BaseSGDPlugin, n))]
+        if never or moot:
+            why = []
+            if never:
+                why.append(f"its {', '.join(never)} callbacks never fire (clsim trains each experience in its own "
+                           "loop)")
+            if moot:
+                why.append(f"its {', '.join(moot)} callbacks act on Avalanche's training dataset, dataloader or "
+                           f"optimizer, which clsim does not use")
+            warnings.warn(f"ClsimStrategy ignores plugin {type(plugin).__name__}: {'; '.join(why)}",
+                          IgnoredPluginWarning, stacklevel=4)
 
 
 def _resolve_config(config: Any, overrides: Sequence[str] | None, **train: Any) -> ExperimentConfig:
@@ -295,6 +376,12 @@ class ClsimStrategy(SupervisedTemplate):
 
     Args:
         config: an :class:`~cl.config.ExperimentConfig`, a YAML path, a config dict, or a registered strategy name.
+        model / backbone (aliases; give at most one): the frozen backbone, a timm ``VisionTransformer`` such as
+            ``timm.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k", pretrained=True)``. Used instead of
+            the config's ``backbone`` (whose ``normalize`` / ``mean`` / ``std`` still apply); its classifier is
+            removed and it is frozen and set to eval mode in place; checkpoints then carry it. Without it, the
+            backbone comes from the config, and a :class:`RandomBackboneWarning` is issued when the config gives it
+            no weights (``backbone.pretrained: false`` and no ``backbone.weights``, e.g. a bare strategy name).
         overrides: ``["strategy.k=v", ...]`` applied to ``config``.
         benchmark: the benchmark that will be trained; gives the strategy the whole class timeline at setup
             (strategies such as MOS read ``stream.num_classes`` and all tasks in ``setup``). Without it, the timeline
@@ -304,14 +391,21 @@ class ClsimStrategy(SupervisedTemplate):
         num_classes: output width of :meth:`forward` (default: the benchmark's, else the largest class id seen + 1).
         train_mb_size / train_epochs / eval_mb_size / device: override ``train.batch_size`` / ``train.epochs`` /
             ``train.eval_batch_size`` / ``train.device`` of the config (``None``: keep the config's).
-        plugins, evaluator, eval_every, **kwargs: as for ``SupervisedTemplate``.
+        plugins, evaluator, eval_every, **kwargs: as for ``SupervisedTemplate``. A plugin that acts through callbacks
+            the bridge never fires or through objects clsim's training does not use gets one
+            :class:`IgnoredPluginWarning` naming it (see below).
 
     Training: ``_train_exp`` hands the experience to ``Session.train_task`` (a multi-phase routine such as SEMA's or
     MOS's runs there whole, with clsim's optimisers, schedulers and seeded loaders). Avalanche fires
     ``before/after_training``, ``before/after_training_exp``, dataset-adaptation callbacks and
     ``before/after_training_epoch`` (once per experience); the iteration-level callbacks (``before/after_training_
     iteration``, ``*_forward``, ``*_backward``, ``*_update``) do **not** fire, so minibatch/epoch training metrics stay
-    empty and plugins that change the loss, the dataloader or the dataset (replay, LwF, EWC) have no effect. Model
+    empty and plugins that change the loss, the dataloader or the dataset (replay, LwF, EWC) have no effect.
+    Honoured: the evaluator and its metrics and loggers (except minibatch/epoch training metrics), and plugins that
+    only act in evaluation callbacks, ``before/after_training``, ``after_training_exp`` or ``after_training_epoch``.
+    Every other plugin — one defining a never-fired callback, or ``before_training_exp`` /
+    ``*_train_dataset_adaptation`` (where replay, schedulers, early stopping and from-scratch training install their
+    dataloader, dataset or optimizer) — is warned about once, by name, at construction. Model
     adaptation and ``make_optimizer`` are no-ops (expansion happens in the clsim strategy, in training only).
     Evaluation is Avalanche's: :meth:`forward` returns ``strategy.predict`` logits placed at the Avalanche class ids
     of the seen classes, ``-inf`` elsewhere.
@@ -320,14 +414,24 @@ class ClsimStrategy(SupervisedTemplate):
     adapted_dataset: Any  # Avalanche's (set by the dataset-adaptation hooks)
 
     def __init__(self, *, config: Any, overrides: Sequence[str] | None = None, benchmark: Any = None,
-                 num_classes: int | None = None, train_mb_size: int | None = None, train_epochs: int | None = None,
-                 eval_mb_size: int | None = None, device: str | torch.device | None = None, plugins: Any = None,
-                 evaluator: Any = default_evaluator, eval_every: int = -1, **kwargs: Any) -> None:
+                 model: nn.Module | None = None, backbone: nn.Module | None = None, num_classes: int | None = None,
+                 train_mb_size: int | None = None, train_epochs: int | None = None, eval_mb_size: int | None = None,
+                 device: str | torch.device | None = None, plugins: Any = None, evaluator: Any = default_evaluator,
+                 eval_every: int = -1, **kwargs: Any) -> None:
+        if model is not None and backbone is not None:
+            raise ValueError("ClsimStrategy: give the backbone as model= or as backbone=, not both")
+        given = model if model is not None else backbone
         cfg = _resolve_config(config, overrides, batch_size=train_mb_size, epochs=train_epochs,
                               eval_batch_size=eval_mb_size, device=None if device is None else str(device))
+        if given is None and not cfg.backbone.pretrained and cfg.backbone.weights is None:
+            warnings.warn(f"ClsimStrategy: backbone {cfg.backbone.name} is randomly initialised (no model= given, "
+                          f"backbone.pretrained false, no backbone.weights); pass model=<a pretrained timm ViT> or a "
+                          f"config with weights", RandomBackboneWarning, stacklevel=3)
+        _warn_unhonoured(plugins)
         stream = avalanche_to_stream(benchmark, None) if benchmark is not None else None
-        session = self._create(cfg, stream)
-        self._box = _SessionBox(session, cfg)
+        adopted = adopt_backbone(given, cfg.backbone) if given is not None else None
+        session = self._create(cfg, stream, adopted)
+        self._box = _SessionBox(session, cfg, adopted=adopted is not None)
         self._prebuilt = stream is not None
         self.num_classes = num_classes
         self.last_prediction: Prediction | None = None
@@ -339,11 +443,12 @@ class ClsimStrategy(SupervisedTemplate):
                          evaluator=evaluator, eval_every=eval_every, **kwargs)
 
     @staticmethod
-    def _create(cfg: ExperimentConfig, stream: Stream | None) -> Session:
+    def _create(cfg: ExperimentConfig, stream: Stream | None,
+                backbone: tuple[nn.Module, DataSpec] | None = None) -> Session:
         """``Session.create`` seeded like ``clsim run`` (backbone init, ``setup``); an empty stream grows later."""
         stream = stream if stream is not None else Stream("avalanche", [], 0, [])
         with rng_scope(cfg.seed, resolve_device(cfg.train.device)):
-            session = Session.create(cfg, stream=stream)
+            session = _BridgeSession.create(cfg, stream=stream, backbone=backbone)
         stream.image_size = size = session.model.spec.img_size
         prep = Preprocessing.from_config(cfg.stream, size)
         for t in stream.tasks:  # built by avalanche_to_stream: AvalancheView datasets
@@ -398,7 +503,11 @@ class ClsimStrategy(SupervisedTemplate):
         if not self._prebuilt and done == 0 and isinstance(origin, EagerCLStream):
             # first experience without benchmark=: take the class timeline from its stream and rebuild the
             # (untrained, identically seeded) session on it, so ``setup`` sees every task as with benchmark=
-            self._box = _SessionBox(self._create(self.config, _stream_from(list(origin), [], None)), self.config)
+            box = self._box
+            model = box.session.model
+            given = (_hook_free(model.backbone, copy=False), model.spec) if box.adopted else None
+            self._box = _SessionBox(self._create(self.config, _stream_from(list(origin), [], None), given),
+                                    self.config, adopted=box.adopted)
             self._prebuilt = True
         stream = self.session.stream
         cls = _classes(experience)
@@ -415,9 +524,9 @@ class ClsimStrategy(SupervisedTemplate):
         offset = len(label_of)
         label_of.update({c: offset + i for i, c in enumerate(new)})
         prep = self.preprocessing
-        task = Task(done, new, list(range(offset, offset + len(new))),
+        task = Task(done, new, list(range(offset, offset + len(new))),  # no test data: see _BridgeSession
                     AvalancheView(experience.dataset, label_of, prep, "train", aug_seed=done),
-                    AvalancheView(experience.dataset, label_of, prep, "eval", aug_seed=done))
+                    AvalancheView(experience.dataset.subset([]), label_of, prep, "eval", aug_seed=done))
         check_loss_classes(self.session.strategy, stream, [task])
         stream.tasks.append(task)
         stream.class_order += new
