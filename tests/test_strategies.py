@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_result(smoke_config, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         loop.run(cfg)
     run_dir = loop.run_dir_of(cfg)
-    assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint" / "state.json").exists()
+    assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint" / "task_001" / "manifest.json").exists()
     monkeypatch.setattr(loop, "_evaluate", real_eval)
     resumed = loop.run(cfg, resume=True)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
