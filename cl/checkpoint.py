@@ -8,7 +8,8 @@ Layout inside a run folder::
 A boundary is written into ``checkpoint/task_NNN.tmp`` (each file fsynced; ``manifest.json`` last, naming every file
 with its size and sha256, the config hash and the length of ``metrics.jsonl`` at the boundary), then renamed to
 ``task_NNN`` in one ``os.rename``; only then are boundaries older than the previous one deleted. A kill at any moment
-therefore leaves the previous boundary intact and at most one ``.tmp`` folder, which is ignored and later replaced.
+therefore leaves the previous boundary intact and at most one ``.tmp`` folder, which is ignored and later removed
+(old boundaries are renamed to ``.tmp`` before they are deleted, for the same reason).
 
 On resume :func:`verify_checkpoint` checks the manifest, the files' hashes and the config hash of the newest boundary;
 a boundary that fails (or fails to load) is rejected with a logged reason and the previous one is tried.
@@ -224,10 +225,16 @@ class CheckpointStore:
             shutil.rmtree(final)
         tmp.rename(final)
         fsync_dir(self.root)
-        for _, path in self.boundaries()[self.keep:]:
-            fault_point("checkpoint.prune")
-            shutil.rmtree(path, ignore_errors=True)
+        self.prune()
         return final
+
+    def prune(self) -> None:
+        """Delete all but the newest ``keep`` boundaries (renamed to ``.tmp`` first: a half-deleted one is ignored)."""
+        for _, path in self.boundaries()[self.keep:]:
+            doomed = path.with_name(f"{path.name}.old.tmp")
+            path.rename(doomed)
+            fault_point("checkpoint.prune")
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def discard_after(self, task_done: int) -> list[Path]:
         """Delete boundaries newer than ``task_done`` (rejected on resume) and torn ``.tmp`` folders."""

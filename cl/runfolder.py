@@ -72,9 +72,12 @@ def prepare_folder(run_dir: Path, store: CheckpointStore, jlog: JsonlLog, cfg: E
                     boundary: Path | None, start_task: int, rejected: list[dict[str, Any]]) -> None:
     """Under the lock: repair the log and drop rejected boundaries (resume), or clear a previous run (fresh)."""
     log_path = run_dir / "metrics.jsonl"
+    for torn in run_dir.glob(".*.tmp"):  # temporary files of atomic writes killed half-way
+        torn.unlink(missing_ok=True)
     if boundary is not None:
         manifest = read_manifest(boundary)
         store.discard_after(start_task - 1)
+        store.prune()
         dropped = repair_jsonl(log_path, manifest.get("log_bytes"))
         jlog.open()
         for r in rejected:
