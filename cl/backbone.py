@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -104,7 +105,9 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
                                 f"truncated or not a weights file") from None
     elif path.suffix in _PICKLE_SUFFIXES:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; one line is enough
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError, zip-archive errors, EOF: the file is never unpickled unsafely
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             unsafe = "weights only load failed" in first.lower() or "unsupported global" in str(err).lower()
@@ -214,7 +217,8 @@ def create_backbone(cfg: BackboneConfig) -> tuple[nn.Module, DataSpec]:
     base_name = cfg.name.split(".")[0]
     if not timm.is_model(base_name):
         close = difflib.get_close_matches(base_name, timm.list_models(), n=3)
-        raise BackboneError(f"unknown timm model {cfg.name!r}; close matches: {', '.join(close) or 'none'}")
+        raise BackboneError(f"backbone.name: unknown timm model {cfg.name!r}; close matches: "
+                            f"{', '.join(close) or 'none'}")
     if cfg.pretrained and _pretrained_reachable(cfg.name) is False:
         raise BackboneError(
             f"backbone.pretrained: cannot download the weights of {cfg.name} (no connection to the hub; offline?); "

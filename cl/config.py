@@ -300,7 +300,7 @@ def _registered(registry: Any, section: str, data: dict[str, Any], default: str)
     try:
         return registry.get(name)
     except RegistryError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{section}.name: {err}") from None
 
 
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:

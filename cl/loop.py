@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import pickle
 import platform
 import subprocess
 import time
@@ -275,19 +276,22 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
 
 def build_model_and_stream(cfg: ExperimentConfig, device: torch.device) -> tuple[CLModel, Stream]:
     backbone, spec = create_backbone(cfg.backbone)
-    with _as_user_error(DataError, f"stream ({cfg.stream.name})"):
+    # unreadable or malformed files on disk (torn archives, corrupt pickles, bad headers) are bad data, not bugs
+    with _as_user_error(DataError, f"stream ({cfg.stream.name})", (ValueError, OSError, EOFError,
+                                                                    pickle.UnpicklingError)):
         stream = STREAMS.get(cfg.stream.name).build(cfg.stream, spec.img_size)
     return CLModel(backbone, spec).to(device), stream
 
 
 @contextlib.contextmanager
-def _as_user_error(kind: type[ClsimError], where: str) -> Iterator[None]:
-    """Re-raise a plain ``ValueError`` from building a component of the config as a one-line user error."""
+def _as_user_error(kind: type[ClsimError], where: str,
+                   catch: tuple[type[Exception], ...] = (ValueError,)) -> Iterator[None]:
+    """Re-raise ``catch`` errors from building a component of the config as a one-line user error."""
     try:
         yield
     except ClsimError:
         raise
-    except ValueError as err:
+    except catch as err:
         raise kind(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
 
 
