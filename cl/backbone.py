@@ -221,9 +221,9 @@ def create_backbone(cfg: BackboneConfig) -> tuple[nn.Module, DataSpec]:
                             f"{', '.join(close) or 'none'}")
     if cfg.pretrained and _pretrained_reachable(cfg.name) is False:
         raise BackboneError(
-            f"backbone.pretrained: cannot download the weights of {cfg.name} (no connection to the hub; offline?); "
-            f"pass a local file instead: --set backbone.pretrained=false --set backbone.weights=/path/to/model"
-            f".safetensors"
+            f"backbone.pretrained: could not download pretrained weights for {cfg.name} (no connection to the hub, "
+            f"checked before trying); without internet pass a local file instead: --set backbone.pretrained=false "
+            f"--set backbone.weights=/path/to/model.safetensors"
         )
     if not cfg.pretrained and cfg.weights is None:
         log.warning("backbone %s has NO pretrained weights (pretrained: false, no weights): a randomly initialised ViT;"

@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from cl.backbone import create_backbone
 from cl.checkpoint import VOLATILE_KEYS, CheckpointStore, load_run_checkpoint, save_run_checkpoint, verify_checkpoint
 from cl.config import ExperimentConfig, TrainConfig, config_to_dict
-from cl.errors import ClsimError, ConfigError, DataError, RunFolderError
+from cl.errors import ClsimError, ConfigError, DataError, NumericalError, RunFolderError
 from cl.model import CLModel
 from cl.numerics import LogitWatch, check_loss
 from cl.registries import STRATEGIES, STREAMS
@@ -436,29 +436,17 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
                     sess, state = Session.create(cfg, jlog, stream=sess.stream), _fresh_state()
             log.warning("checkpoint after task %d rejected: %s; trying the previous boundary", task_done, reason)
             rejected.append({"task_done": task_done, "reason": reason})
-        model, stream, strategy, ctx = sess.model, sess.stream, sess.strategy, sess.ctx
+        stream, ctx = sess.stream, sess.ctx
         with RunLock(run_dir) as lock:
             if lock.took_over is not None:
                 jlog.write("lock_taken_over", previous=lock.took_over)
-            prepare_folder(run_dir, store, jlog, cfg, resume, boundary, start_task, rejected)
+            prepare_folder(run_dir, store, jlog, resume, boundary, start_task, rejected)
             ctx.events = state["events"]
             atomic_write_json(run_dir / "config.json", {**cfg_dict, "versions": _versions(), "config_hash": cfg_hash},
                               point="config")
             jlog.write("start", experiment=cfg.experiment, tasks=len(stream), device=str(ctx.device))
-            for task in stream.tasks[start_task:]:
-                t0 = time.time()
-                n_trained = sess.train_task(task)
-                ev = sess.evaluate(task.task_id, cfg.eval.future_tasks)
-                _record_task(state, ev, model, strategy, n_trained, ctx, time.time() - t0)
-                seen = [x for x in ev["row"][: task.task_id + 1] if x is not None]
-                jlog.write("eval", task=task.task_id, **{"test/accuracy_row": ev["row"],
-                                                         "test/a_task_mean": float(np.mean(seen)) if seen else None})
-                log.info("task %d: accuracy per task %s", task.task_id,
-                         [round(a, 2) for a in ev["row"] if a is not None])
-                if cfg.train.checkpoint:
-                    store.write(task.task_id, functools.partial(
-                        save_run_checkpoint, model=model, strategy=strategy, state=state, task_id=task.task_id,
-                        cfg_hash=cfg_hash, log_bytes=jlog.sync()))
+            with _named_run(run_dir):
+                _train_tasks(sess, stream.tasks[start_task:], state, store, jlog, cfg, cfg_hash)
             result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
             atomic_write_json(run_dir / "result.json", result, point="result")
             try:
@@ -468,6 +456,34 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
             jlog.write("end", **{"test/a_last": result["metrics"].get("a_last"),
                                  "test/a_avg": result["metrics"].get("a_avg")})
     return result
+
+
+@contextlib.contextmanager
+def _named_run(run_dir: Path) -> Iterator[None]:
+    """Numeric faults name the run folder whose ``metrics.jsonl`` holds the event."""
+    try:
+        yield
+    except NumericalError as err:
+        raise NumericalError(f"{run_dir}: {err}") from None
+
+
+def _train_tasks(sess: Session, tasks: list[Task], state: dict[str, Any], store: CheckpointStore, jlog: JsonlLog,
+                 cfg: ExperimentConfig, cfg_hash: str) -> None:
+    """Train, evaluate and checkpoint each task in turn (one boundary per task)."""
+    model, strategy, ctx = sess.model, sess.strategy, sess.ctx
+    for task in tasks:
+        t0 = time.time()
+        n_trained = sess.train_task(task)
+        ev = sess.evaluate(task.task_id, cfg.eval.future_tasks)
+        _record_task(state, ev, model, strategy, n_trained, ctx, time.time() - t0)
+        seen = [x for x in ev["row"][: task.task_id + 1] if x is not None]
+        jlog.write("eval", task=task.task_id, **{"test/accuracy_row": ev["row"],
+                                                 "test/a_task_mean": float(np.mean(seen)) if seen else None})
+        log.info("task %d: accuracy per task %s", task.task_id, [round(a, 2) for a in ev["row"] if a is not None])
+        if cfg.train.checkpoint:
+            store.write(task.task_id, functools.partial(
+                save_run_checkpoint, model=model, strategy=strategy, state=state, task_id=task.task_id,
+                cfg_hash=cfg_hash, log_bytes=jlog.sync()))
 
 
 def _fresh_state() -> dict[str, Any]:

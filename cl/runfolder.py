@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from cl.checkpoint import CheckpointStore, config_diff, read_manifest
-from cl.config import ExperimentConfig
 from cl.errors import RunFolderError
 from cl.runlog import JsonlLog, repair_jsonl
 
@@ -68,8 +67,8 @@ def check_resume_config(run_dir: Path, store: CheckpointStore, cfg_dict: dict[st
                              f"or with the original config")
 
 
-def prepare_folder(run_dir: Path, store: CheckpointStore, jlog: JsonlLog, cfg: ExperimentConfig, resume: bool,
-                    boundary: Path | None, start_task: int, rejected: list[dict[str, Any]]) -> None:
+def prepare_folder(run_dir: Path, store: CheckpointStore, jlog: JsonlLog, resume: bool, boundary: Path | None,
+                   start_task: int, rejected: list[dict[str, Any]]) -> None:
     """Under the lock: repair the log and drop rejected boundaries (resume), or clear a previous run (fresh)."""
     log_path = run_dir / "metrics.jsonl"
     for torn in run_dir.glob(".*.tmp"):  # temporary files of atomic writes killed half-way

@@ -269,3 +269,29 @@ def test_fault_points_fire_only_at_the_named_point_and_occurrence(monkeypatch):
     monkeypatch.setenv("CLSIM_FAULT", "result@1:stop")
     faults.fault_point("result")
     assert fired == [signal.SIGKILL, signal.SIGSTOP]
+
+
+def test_pretrained_without_a_connection_fails_before_any_download(monkeypatch):
+    """No hub retries: an unreachable host (cheap probe) refuses ``pretrained: true`` before timm is asked."""
+    import socket
+
+    import timm
+
+    from cl.backbone import BackboneConfig, BackboneError, create_backbone
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("timm.create_model must not be reached")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # not cached here
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(timm, "create_model", no_download)
+    with pytest.raises(BackboneError, match="backbone.pretrained: could not download") as err:
+        create_backbone(BackboneConfig(name="test_vit", pretrained=True))
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
