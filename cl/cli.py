@@ -1,6 +1,8 @@
 """The ``clsim`` command line: ``run``, ``sweep``, ``list``, ``report``.
 
-Errors in configs, names, data and weights print one line and exit with code 2.
+Errors in configs, names, data, weights and run folders, and numeric faults, print one line
+``clsim: error: <key or file>: <reason>`` and exit with code 2 (command-line syntax errors too); an interrupted
+run exits with 130.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from pathlib import Path
 
 __all__ = ["main", "format_metric"]
@@ -68,8 +71,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error format of every other user error (exit 2, no usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"clsim: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clsim", description="Continual-learning simulation on frozen ViTs.")
+    p = _Parser(prog="clsim", description="Continual-learning simulation on frozen ViTs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run one experiment config")
@@ -105,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except _user_errors() as err:
-        print(f"clsim: error: {err}", file=sys.stderr)
+        print(f"clsim: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("clsim: interrupted (the run folder keeps its last task boundary; continue with --resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

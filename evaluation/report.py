@@ -12,8 +12,6 @@ import html
 import io
 import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cl.runlog import atomic_write_bytes
 from evaluation.metrics import compute_metrics, stage_accuracy, to_array
 
 __all__ = ["comparison_table", "find_results", "load_runs", "make_report", "summary_table", "write_run_figures"]
@@ -60,17 +59,8 @@ _TABLE_COLUMNS = {  # comparison column -> report header
 
 
 def _write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically with normal permissions (``cl.runlog.atomic_write_bytes``)."""
+    atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
     return path
 
 

@@ -35,6 +35,7 @@ evaluation, the mean softmax weight of every adapter at every expandable block o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,7 +91,9 @@ class SemaConfig(StrategyConfig):
     """``strategy.name: sema`` (defaults = the official CIFAR-100 recipe, ``specs/sema.md`` section 7).
 
     Attributes:
-        expandable_blocks: 0-based blocks with RDs and routers that may grow (checked against the backbone at setup).
+        expandable_blocks: 0-based blocks with RDs and routers that may grow (checked against the backbone at setup);
+            empty (the default) = the backbone's last three blocks, resolved at setup and recorded in
+            ``metrics.jsonl`` and ``result.json`` (the paper configs set ``[9, 10, 11]`` of ViT-B/16 explicitly).
         bottleneck: adapter hidden size r. rd_dim: RD code size q. buffer_size: RD error FIFO capacity.
         exp_threshold: tau of the expansion test. z_score: ``abs`` (official) or ``upper`` (one-sided).
         func_epoch / rd_epoch: epochs of the classification and RD phases. init_lr / rd_lr: their learning rates.
@@ -106,7 +109,7 @@ class SemaConfig(StrategyConfig):
     """
 
     name: str = "sema"
-    expandable_blocks: tuple[int, ...] = (9, 10, 11)
+    expandable_blocks: tuple[int, ...] = ()
     bottleneck: int = 16
     rd_dim: int = 128
     buffer_size: int = 500
@@ -132,7 +135,7 @@ class SemaConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         blocks = self.expandable_blocks
-        if not blocks or any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
+        if any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
             raise ValueError(f"strategy.expandable_blocks must be distinct non-negative block indices, got {blocks}")
         if list(blocks) != sorted(blocks):
             raise ValueError(f"strategy.expandable_blocks must be increasing, got {blocks}")
@@ -189,6 +192,9 @@ class SemaStrategy(Strategy):
     def setup(self, model: CLModel, stream: Stream) -> None:
         super().setup(model, stream)
         cfg, n_blocks = self.cfg, len(model.backbone.blocks)
+        if not cfg.expandable_blocks:  # the default: the last three blocks of this backbone
+            self.cfg = cfg = dataclasses.replace(cfg, expandable_blocks=tuple(range(max(0, n_blocks - 3), n_blocks)))
+            self.ctx.log.write("sema_expandable_blocks", blocks=list(cfg.expandable_blocks), source="default")
         bad = [b for b in cfg.expandable_blocks if b >= n_blocks]
         if bad:
             raise ValueError(f"strategy.expandable_blocks {bad} out of range: the backbone has blocks 0..{n_blocks - 1}"

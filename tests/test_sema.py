@@ -90,8 +90,10 @@ def test_config_validation(smoke_config) -> None:
         build_dataclass(SemaConfig, {"name": "sema", "expandable_blocks": [3, 3]}, "strategy")
     with pytest.raises(ConfigError, match="z_score"):
         build_dataclass(SemaConfig, {"name": "sema", "z_score": "two_sided"}, "strategy")
-    with pytest.raises(ValueError, match=r"out of range: the backbone has blocks 0\.\.5"):
-        Session.create(smoke_config("strategy.name=sema"))  # default (9, 10, 11) on a 6-block backbone
+    with pytest.raises(ConfigError, match=r"out of range: the backbone has blocks 0\.\.5"):
+        Session.create(smoke_config("strategy.name=sema", "strategy.expandable_blocks=[9, 10, 11]"))
+    sess = Session.create(smoke_config("strategy.name=sema"))  # the default: the backbone's last three blocks
+    assert sess.strategy.cfg.expandable_blocks == (3, 4, 5)
 
 
 def test_buffer_is_a_fifo_and_stops_when_frozen() -> None:
@@ -300,7 +302,8 @@ def test_joint_training_is_one_phase_with_two_learning_rates(smoke_config) -> No
 
 # --- checkpoints and the prefix cache -------------------------------------------------------------------------------
 def _tensors(result_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(result_dir / "checkpoint" / "tensors.safetensors"))
+    newest = max((result_dir / "checkpoint").glob("task_*"))  # the last task boundary
+    return load_file(str(newest / "tensors.safetensors"))
 
 
 def test_checkpoint_resume_reproduces_the_full_run(smoke_config, tmp_path, monkeypatch) -> None:

@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_result(smoke_config, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         loop.run(cfg)
     run_dir = loop.run_dir_of(cfg)
-    assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint" / "state.json").exists()
+    assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint" / "task_001" / "manifest.json").exists()
     monkeypatch.setattr(loop, "_evaluate", real_eval)
     resumed = loop.run(cfg, resume=True)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
@@ -98,3 +98,27 @@ def test_progress_bars_do_not_change_results(smoke_config, tmp_path):
     quiet = loop.run(smoke_config("strategy.name=finetune", f"out={tmp_path}/a", "train.progress=false"))
     shown = loop.run(smoke_config("strategy.name=finetune", f"out={tmp_path}/b", "train.progress=true"))
     assert quiet["accuracy_matrix"] == shown["accuracy_matrix"]
+
+
+def _one_epoch_sets(name: str) -> list[str]:
+    """``strategy.<field>=1`` for every epoch-count field of the strategy's config (nothing else changes)."""
+    import dataclasses
+    import re
+
+    cfg_cls = STRATEGIES.get(name).config_cls
+    return [f"strategy.{f.name}=1" for f in dataclasses.fields(cfg_cls)
+            if re.fullmatch(r"(.+_)?epochs?", f.name) and f.default is not None]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_config_runs_every_strategy_with_its_defaults(name, tmp_path, capsys):
+    """configs/smoke.yaml's promise: ``--set strategy.name=<name>`` runs, with the strategy's own defaults (no
+    ``smoke`` overrides; only epoch counts and the stream are shrunk), so defaults that do not fit the 6-block test
+    ViT (SEMA's blocks 9-11 once) fail here."""
+    from cl.cli import main
+    from tests.conftest import SMOKE
+
+    sets = [f"strategy.name={name}", f"out={tmp_path}", "train.epochs=1", "stream.train_images_per_class=8",
+            "stream.test_images_per_class=4", *_one_epoch_sets(name)]
+    assert main(["run", str(SMOKE), *[x for s in sets for x in ("--set", s)]]) == 0, capsys.readouterr().err
+    assert (tmp_path / f"smoke_{name}" / "0" / "result.json").exists()
