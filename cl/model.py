@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from cl.adapters.base import Adapter, AdapterConfig, adapter_from_spec
-from cl.adapters.inject import AdaptedSite, block_of, build_adapters, site_key, unique_params
+from cl.adapters.base import Adapter, AdapterConfig, AdapterSpec, adapter_from_spec
+from cl.adapters.inject import AdaptedSite, block_of, build_adapters, site_features, site_key, unique_params
 from cl.backbone import DataSpec
 from cl.heads import Head, head_from_spec
 from cl.mixture import ExpandableRouter, Route
+from cl.registries import ADAPTERS
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -93,7 +94,7 @@ class CLModel(nn.Module):
         Every check (type, targets, shapes, name clashes) runs before anything is added. New adapters start frozen.
         """
         spec, targets = build_adapters(self.backbone, type_name, cfg)
-        keys = [site_key(t) for t, _, _ in targets]
+        keys = [site_key(t, spec.adapter_cls.placement) for t, _, _ in targets]
         clash = [k for k in keys if k in self.sites and name in self.sites[k].adapters]
         if clash:
             raise ValueError(f"adapter {name!r} already exists at {', '.join(clash)}")
@@ -243,14 +244,10 @@ class CLModel(nn.Module):
             for name, a in s["adapters"].items():
                 if key in self.sites and name in self.sites[key].adapters:
                     continue
-                block = self.backbone.get_submodule(s["target"])
                 if key not in self.sites:
-                    cfg_probe = adapter_from_spec(a["type"], a["config"], 1, 1)
-                    if cfg_probe.placement == "parallel_mlp":  # a timm Block: the width of its norm2
-                        fin = fout = int(cast(nn.LayerNorm, block.norm2).normalized_shape[0])
-                    else:  # an nn.Linear
-                        fin, fout = cast(nn.Linear, block).in_features, cast(nn.Linear, block).out_features
-                    site = AdaptedSite(s["target"], cfg_probe.placement, fin, fout)
+                    placement = cast(AdapterSpec, ADAPTERS.get(a["type"])).adapter_cls.placement
+                    fin, fout = site_features(self.backbone, s["target"], placement)
+                    site = AdaptedSite(s["target"], placement, fin, fout)
                     site.install(self.backbone)
                     self.sites[key] = site
                 site = self.sites[key]
