@@ -70,7 +70,7 @@ def find_domainnet(root: Path, domains: tuple[str, ...]) -> tuple[Path | None, l
 
 
 def _random_split(cfg: DomainNetConfig, base: Path) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]  # (no stubs)
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     classes: list[str] | None = None
