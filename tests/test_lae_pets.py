@@ -192,3 +192,15 @@ def test_prefix_with_layerscale_backbone_and_gradients():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert all(p.grad is None for p in m.backbone.parameters())
     assert set(m.sites) == {"blocks_0_attn_prefix", "blocks_2_attn_prefix"}
+
+
+def test_parameter_counts_match_the_paper_for_vit_b():
+    """lae.md §3: per block of ViT-B (d = 768) Adapter5 8,454, LoRA5 15,362, Prefix10 15,362 parameters."""
+    from cl.adapters import AttnAdapter, KvLoraAdapter, PrefixAdapter
+
+    def count(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(AttnAdapter(768, 768, AttnAdapterConfig(down_sample=5))) == 8454
+    assert count(KvLoraAdapter(768, 3 * 768, KvLoraConfig(rank=5))) == 15362
+    assert count(PrefixAdapter(768, 768, PrefixConfig(length=10))) == 15362
