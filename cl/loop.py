@@ -184,7 +184,8 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
     model.assert_backbone_frozen()
     data = phase.data if phase.data is not None else task.train
     loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, index),
-                        num_workers=phase.num_workers)
+                        num_workers=phase.num_workers, drop_last=phase.drop_last)
+    frozen = _frozen_subset(phase, params)
     opt = _build_optimizer(groups, phase, ctx.train) if params else None
     sched_kind = phase.scheduler or ctx.train.scheduler
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs, eta_min=0.0)
@@ -194,6 +195,8 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
     for epoch in range(phase.epochs):
         # augmentation seed per (run seed, task, phase, epoch): set before the loader forks its workers
         set_augmentation_seed(data, derive_seed(ctx.seed, task.task_id, phase.name, index, epoch))
+        for p in frozen:  # Phase.freeze: no gradient (hence no update) for the first freeze_epochs epochs
+            p.requires_grad_(epoch >= phase.freeze_epochs)
         total, count = 0.0, 0
         bar = ctx.progress(loader, f"task {task.task_id} {phase.name} ep {epoch + 1}/{phase.epochs}")
         for x, y in bar:
@@ -219,7 +222,7 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
             sched.step()
         ctx.log.write("train_epoch", task=task.task_id, phase=phase.name, epoch=epoch,
                       **{"train/loss": total / max(count, 1), "train/lr": opt.param_groups[0]["lr"] if opt else None},
-                      **phase.info)
+                      **({"frozen": epoch < phase.freeze_epochs} if frozen else {}), **phase.info)
         if phase.eval_every_epoch and ctx.stream is not None:  # diagnostic only: metrics.jsonl, never the matrix
             ev = _evaluate(model, strategy, ctx.stream, task.task_id, ctx, future=False)
             ctx.log.write("epoch_eval", task=task.task_id, phase=phase.name, epoch=epoch,
@@ -229,6 +232,15 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         p.requires_grad_(False)
     model.eval()
     model.assert_backbone_frozen()
+
+
+def _frozen_subset(phase: Phase, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """``phase.freeze`` checked to be a subset of the phase's parameters."""
+    ids = {id(p) for p in params}
+    frozen = list(phase.freeze)
+    if any(id(p) not in ids for p in frozen):
+        raise ValueError(f"phase {phase.name}: Phase.freeze must be a subset of the phase's parameters")
+    return frozen
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from cl.adapters.base import Adapter, AdapterConfig, AdapterSpec, adapter_from_spec
-from cl.adapters.inject import AdaptedSite, block_of, build_adapters, site_key, unique_params
+from cl.adapters.inject import AdaptedSite, block_of, build_adapters, site_features, site_key, unique_params
 from cl.backbone import DataSpec
 from cl.heads import Head, head_from_spec
 from cl.mixture import ExpandableRouter, Route
@@ -94,7 +94,7 @@ class CLModel(nn.Module):
         Every check (type, targets, shapes, name clashes) runs before anything is added. New adapters start frozen.
         """
         spec, targets = build_adapters(self.backbone, type_name, cfg)
-        keys = [site_key(t) for t, _, _ in targets]
+        keys = [site_key(t, spec.adapter_cls.placement) for t, _, _ in targets]
         clash = [k for k in keys if k in self.sites and name in self.sites[k].adapters]
         if clash:
             raise ValueError(f"adapter {name!r} already exists at {', '.join(clash)}")
@@ -248,13 +248,9 @@ class CLModel(nn.Module):
             for name, a in s["adapters"].items():
                 if key in self.sites and name in self.sites[key].adapters:
                     continue
-                block = self.backbone.get_submodule(s["target"])
                 if key not in self.sites:
-                    placement = cast(AdapterSpec, ADAPTERS.get(a["type"])).adapter_cls.placement  # no instance
-                    if placement == "parallel_mlp":  # a timm Block: the width of its norm2
-                        fin = fout = int(cast(nn.LayerNorm, block.norm2).normalized_shape[0])
-                    else:  # an nn.Linear
-                        fin, fout = cast(nn.Linear, block).in_features, cast(nn.Linear, block).out_features
+                    placement = cast(AdapterSpec, ADAPTERS.get(a["type"])).adapter_cls.placement
+                    fin, fout = site_features(self.backbone, s["target"], placement)
                     site = AdaptedSite(s["target"], placement, fin, fout)
                     site.install(self.backbone)
                     self.sites[key] = site

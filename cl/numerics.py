@@ -55,7 +55,10 @@ class LogitWatch:
         self.flags: list[Tensor] = []
 
     def observe(self, logits: Tensor) -> None:
-        self.flags.append(torch.isfinite(logits).all())
+        """NaN and +inf are faults; -inf is a masked class (MHR's task scope, old classes) as long as every row
+        keeps at least one finite score."""
+        bad = torch.isnan(logits).any() | torch.isposinf(logits).any()
+        self.flags.append(~bad & torch.isfinite(logits).any(dim=-1).all())
 
     def check(self, log: Any, task: int) -> None:
         """Raise :class:`NumericalError` naming the first batch (``step``) with a non-finite prediction."""

@@ -129,9 +129,14 @@ class Phase:
         epochs: number of passes over ``data``.
         data: ``None`` = the task's training set; otherwise any dataset yielding ``(x, y)``.
         lr, optimizer, weight_decay, momentum, batch_size, scheduler: ``None`` falls back to ``train`` config values.
-        after_step: called after every optimiser step (e.g. MOS adapter merging).
+        after_step: called after every optimiser step (e.g. MOS adapter merging, LAE's EMA).
         num_workers: DataLoader workers for this phase (``None`` = ``train.num_workers``; use 0 for in-memory
             feature datasets).
+        drop_last: drop the last incomplete training batch (LAE's data loader).
+        freeze / freeze_epochs: a subset of ``params`` kept frozen for the first ``freeze_epochs`` epochs of the
+            phase (``requires_grad`` off: no gradient, so the optimiser applies no update, weight decay or momentum
+            to them), then trained. One optimiser serves the whole phase, so the state of the other parameters
+            continues across the boundary (LAE's PET freeze, gqk/LAE ``main.py::pre_train_epoch``).
         info: free-form fields copied into the phase's log records.
         eval_every_epoch: after every epoch, evaluate on the test sets of the tasks seen so far and log the row to
             ``metrics.jsonl`` (``epoch_eval``); a diagnostic that never enters the accuracy matrix.
@@ -149,6 +154,9 @@ class Phase:
     scheduler: Literal["cosine", "constant"] | None = None
     after_step: Callable[[], None] | None = None
     num_workers: int | None = None
+    drop_last: bool = False
+    freeze: Sequence[Any] = ()
+    freeze_epochs: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     eval_every_epoch: bool = False
 

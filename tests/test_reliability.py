@@ -295,3 +295,19 @@ def test_pretrained_without_a_connection_fails_before_any_download(monkeypatch):
     with pytest.raises(BackboneError, match="backbone.pretrained: could not download") as err:
         create_backbone(BackboneConfig(name="test_vit", pretrained=True))
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_masked_logits_are_not_numeric_faults():
+    """-inf marks a class a strategy rules out (MHR's task scope); NaN, +inf or a row without a finite score is one."""
+    from cl.numerics import LogitWatch
+    from cl.runlog import JsonlLog
+
+    inf = float("inf")
+    watch = LogitWatch()
+    watch.observe(torch.tensor([[0.5, -inf, 1.0], [-inf, -inf, 0.0]]))
+    watch.check(JsonlLog(None), task=1)
+    for bad in ([[0.5, float("nan"), 1.0]], [[inf, 0.0, 0.0]], [[-inf, -inf, -inf]]):
+        watch.observe(torch.tensor([[0.0, 1.0, 2.0]]))
+        watch.observe(torch.tensor(bad))
+        with pytest.raises(NumericalError, match="non-finite predictions.*step 1"):
+            watch.check(JsonlLog(None), task=1)

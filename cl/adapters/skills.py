@@ -163,7 +163,7 @@ class SkillInventoryAdapter(Adapter):
     row_mask: Tensor  # persistent buffer (R, K) bool
 
     def __init__(self, in_features: int, out_features: int, cfg: SkillsConfig) -> None:
-        self.check_shape(in_features, out_features, cfg)
+        self.check_site(in_features, out_features, cfg)
         super().__init__(in_features, out_features, cfg)
         self.generator: torch.Generator | None = None
         self.skill_a = nn.ParameterList()
@@ -180,8 +180,8 @@ class SkillInventoryAdapter(Adapter):
             self.add_row(mask)
         self.cfg = base
 
-    @staticmethod
-    def check_shape(in_features: int, out_features: int, cfg: AdapterConfig) -> None:
+    @classmethod
+    def check_site(cls, in_features: int, out_features: int, cfg: AdapterConfig) -> None:
         """Raise ``ValueError`` unless the heads divide both dimensions (run for every site before any mutation)."""
         heads = getattr(cfg, "heads", 1)
         if in_features % heads or out_features % heads:
