@@ -26,8 +26,10 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cl.backbone import create_backbone
+from cl.cache import FrozenCache
 from cl.config import ExperimentConfig, TrainConfig, config_to_dict
 from cl.model import CLModel
+from cl.precision import warn_slow_bf16
 from cl.registries import STRATEGIES, STREAMS
 from cl.runlog import JsonlLog, atomic_write_json
 from cl.strategy import Strategy
@@ -78,6 +80,10 @@ class RunContext:
     stream: Stream | None = None
     task: Task | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    cache: FrozenCache = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cache = FrozenCache(self)  # frozen-computation cache (cl/cache.py); inert with train.cache: off
 
     @property
     def num_seen(self) -> int:
@@ -87,6 +93,7 @@ class RunContext:
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.train.bf16:
             return contextlib.nullcontext()
+        warn_slow_bf16(self.device)  # once per process, on CPUs without native bf16
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def loader(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool = False, key: Any = 0,
@@ -170,8 +177,10 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         trained[id(p)] = p  # keeps the parameter alive so its id cannot be reused within the task
     model.assert_backbone_frozen()
     data = phase.data if phase.data is not None else task.train
+    # CACHE: tokens entering phase.trainable_from, computed once per task (cl/cache.py); input_block 0 = images
+    data, input_block = ctx.cache.phase_inputs(model, phase, data)
     loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, index),
-                        num_workers=phase.num_workers)
+                        num_workers=0 if input_block else phase.num_workers)
     opt = _build_optimizer(groups, phase, ctx.train) if params else None
     sched_kind = phase.scheduler or ctx.train.scheduler
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs, eta_min=0.0)
@@ -183,7 +192,7 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         bar = ctx.progress(loader, f"task {task.task_id} {phase.name} ep {epoch + 1}/{phase.epochs}")
         for x, y in bar:
             batch = Batch(ctx.to_device(x), ctx.to_device(y), task.task_id)
-            with ctx.autocast():
+            with ctx.autocast(), model.input_at(input_block):
                 out = strategy.loss(model, batch, phase)
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
@@ -203,9 +212,11 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
                 bar.set_postfix(loss=f"{loss:.3f}")
         if sched is not None:
             sched.step()
+        ctx.cache.check_phase()  # CACHE: the frozen prefix must not have changed (a wrong declaration raises)
         ctx.log.write("train_epoch", task=task.task_id, phase=phase.name, epoch=epoch,
                       **{"train/loss": total / max(count, 1), "train/lr": opt.param_groups[0]["lr"] if opt else None},
                       **phase.info)
+    ctx.cache.end_phase()
     for p in params:
         p.requires_grad_(False)
     model.eval()
@@ -222,8 +233,11 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     offsets = np.cumsum([0] + [t.num_classes for t in stream.tasks])
     preds, labels, task_preds, task_init = [], [], [], []
     extra_preds: dict[str, list[Tensor]] = {}
-    for x, y in ctx.progress(ctx.loader(ds, ctx.train.eval_batch_size), f"eval after task {upto}"):
-        with ctx.autocast():
+    # CACHE: test-set tokens entering strategy.frozen_prefix(model), computed once per run (cl/cache.py)
+    src, input_block = ctx.cache.eval_inputs(model, ds.datasets, strategy.frozen_prefix(model))
+    for x, y in ctx.progress(ctx.loader(src, ctx.train.eval_batch_size), f"eval after task {upto}"):
+        ctx.cache.next_batch(len(y))
+        with ctx.autocast(), model.input_at(input_block):
             out = strategy.predict(model, ctx.to_device(x))
         pred = out if isinstance(out, Tensor) else out.logits
         preds.append(pred.float().argmax(1).cpu())
@@ -236,6 +250,7 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
             for k, v in out.extras.items():
                 if k.endswith("_pred") and not k.startswith("task_pred"):
                     extra_preds.setdefault(k, []).append(v.cpu())
+    ctx.cache.end_eval()
     pred_t, y_t = torch.cat(preds), torch.cat(labels)
     true_task = torch.as_tensor(np.searchsorted(offsets, y_t.numpy(), side="right") - 1)
     row: list[float | None] = []
@@ -341,6 +356,7 @@ class Session:
         for index, phase in enumerate(self.strategy.phases(self.model, task)):
             _run_phase(self.model, self.strategy, phase, self.ctx, trained, index)
         self.strategy.after_task(self.model, task)
+        self.ctx.cache.release("task")  # CACHE: the task's training inputs are not needed again
         self.model.assert_backbone_frozen()
         return sum(p.numel() for p in trained.values())
 
@@ -416,6 +432,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
             log.info("task %d: accuracy per task %s", task.task_id, [round(a, 2) for a in ev["row"] if a is not None])
             if cfg.train.checkpoint:
                 save_run_checkpoint(ckpt_dir, model, strategy, state, task.task_id, cfg_hash)
+        ctx.cache.close()  # CACHE: free test-set entries (spill files are already unlinked)
     result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
     atomic_write_json(run_dir / "result.json", result)
     try:

@@ -133,6 +133,10 @@ class Phase:
         num_workers: DataLoader workers for this phase (``None`` = ``train.num_workers``; use 0 for in-memory
             feature datasets).
         info: free-form fields copied into the phase's log records.
+        trainable_from: the first block whose computation can change (or be observed by a hook) during the phase:
+            ``len(blocks)`` when no block can (a head-only phase), 0 when block 0 trains, ``None`` = undeclared.
+            With ``train.cache: auto`` the loop then computes the tokens entering that block once per task and
+            feeds them to the phase instead of images (``cl.cache``; checked, so a wrong value raises).
     """
 
     name: str
@@ -148,6 +152,7 @@ class Phase:
     after_step: Callable[[], None] | None = None
     num_workers: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    trainable_from: int | None = None
 
 
 def labels_of(ds: Dataset) -> Tensor:
