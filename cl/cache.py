@@ -347,8 +347,9 @@ class FrozenCache:
                 self._active = _Active(model, data.entry, phase.name, k)
             return data, 0
         purpose = f"phase {phase.name}"
-        if k is None:
-            self.fallback(purpose, "the phase does not declare trainable_from")
+        if k is None:  # undeclared: worth a note only where caching could have applied
+            if is_deterministic(data):
+                self.fallback(purpose, "the phase does not declare trainable_from")
             return data, 0
         if k <= 0:
             self.fallback(purpose, "trainable prefix: the phase trains from block 0")
@@ -499,7 +500,12 @@ class FrozenCache:
         self.stats["peak_disk_mb"] = max(self.stats["peak_disk_mb"], self.disk_bytes() / 2**20)
         mb = store.nbytes / 2**20
         where = "disk (memory-mapped)" if store.on_disk else "RAM"
-        what = f"tokens entering block {key[2]}" if key[1] == "tokens" else f"{key[2]}"
+        if key[1] == "derived":
+            what = str(key[2])
+        elif key[2] >= len(model.backbone.blocks):
+            what = "features (all blocks frozen)"
+        else:
+            what = f"tokens entering block {key[2]}"
         log.info("cache: %s: %s for %d items, shape %s, %s, %.2f MB in %s (from %s; %.2fs)", purpose, what, n_items,
                  list(store.data.shape[1:]), str(store.data.dtype).replace("torch.", ""), mb, where,
                  f"block {src_block} tokens" if source is not None else "images", time.perf_counter() - t0)
@@ -601,6 +607,10 @@ class FrozenCache:
             self._row_refs[id(ds)] = ds
             if memo.values is None:
                 memo.values = torch.zeros((len(memo.filled), *out.shape[1:]), dtype=self.dtype)
+                self.stats["fills"] += 1
+                self._record("fill", purpose=name, kind="rows", items=len(memo.filled), shape=list(out.shape[1:]),
+                             dtype=str(self.dtype).replace("torch.", ""),
+                             mb=round(memo.values.numel() * memo.values.element_size() / 2**20, 3), where="ram")
             memo.values[a:b] = out[i : i + b - a].detach().to("cpu", self.dtype)
             memo.filled[a:b] = True
             i += b - a
