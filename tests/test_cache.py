@@ -21,12 +21,16 @@ from cl.types import Phase
 SMOKE = "configs/smoke.yaml"
 SMALL = ["stream.train_images_per_class=12", "stream.test_images_per_class=6", "train.epochs=1",
          "train.progress=false"]
-# SEMA with expansions in tasks 2 and 3 (threshold 0.5), so detection, rounds at later blocks and RD inputs run
-SEMA = ["strategy.name=sema", "strategy.expandable_blocks=(3,4,5)", "strategy.func_epoch=1", "strategy.rd_epoch=3",
-        "strategy.rd_dim=8", "strategy.buffer_size=48", "strategy.exp_threshold=0.5", "strategy.batch_size=16",
-        "strategy.detect_batch_size=32", "strategy.init_lr=0.01", "strategy.rd_lr=0.05", "train.progress=false"]
+# SEMA with expansions in tasks 2 and 3 (threshold 0.5: blocks 4 | 3, 4, 5), so detection, rounds at later blocks
+# (tokens derived from cached earlier ones) and RD inputs all run
+SEMA = [*SMALL, "strategy.name=sema", "strategy.expandable_blocks=(3,4,5)", "strategy.func_epoch=1",
+        "strategy.rd_epoch=2", "strategy.rd_dim=8", "strategy.buffer_size=48", "strategy.exp_threshold=0.5",
+        "strategy.batch_size=16", "strategy.detect_batch_size=32", "strategy.init_lr=0.01", "strategy.rd_lr=0.05"]
 
 
+# The stated tolerance: cached values are computed in other batch sizes than the uncached forward, and a CPU BLAS
+# may pick a different kernel for another batch size (1-ulp differences seen in SEMA's RD statistics at 8 vs 24 rows)
+TOL = 1e-5
 # strategies whose smoke runs must use the cache: SEMA (evaluation, RD inputs), SimpleCIL (evaluation features),
 # MOS (adapter-0 test features); finetune/joint adapt every block by default (see the adapter_blocks test below)
 CACHING = {"sema", "simplecil", "mos"}
@@ -57,15 +61,33 @@ def _cache_records(out: Path) -> list[dict]:
 
 
 def _assert_same_result(a: dict, b: dict) -> None:
-    for key in ("accuracy_matrix", "metrics", "task_retrieval", "extra_accuracy_matrices", "expansion", "events"):
+    """Metrics identical; logged statistics (e.g. SEMA's RD buffer means) equal up to float32 rounding."""
+    for key in ("accuracy_matrix", "metrics", "task_retrieval", "extra_accuracy_matrices", "expansion"):
         assert a[key] == b[key], key
+    _assert_close(a["events"], b["events"], "events")
+
+
+def _assert_close(a, b, path: str) -> None:
+    """Nested JSON values equal, floats within TOL."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            _assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert b == pytest.approx(a, rel=TOL, abs=TOL, nan_ok=True), path
+    else:
+        assert a == b, path
 
 
 def _assert_same_tensors(a: Path, b: Path) -> None:
     ta, tb = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys()
-    for key in ta:  # fp32 on CPU, same arithmetic: bit-identical
-        assert torch.equal(ta[key], tb[key]), key
+    for key in ta:
+        torch.testing.assert_close(tb[key], ta[key], rtol=TOL, atol=TOL, msg=key)
 
 
 # --- every registered strategy ------------------------------------------------------------------------------------
@@ -100,7 +122,8 @@ def sema_uncached(tmp_path_factory) -> tuple[Path, dict]:
 def test_sema_cache_is_exact(sema_uncached, tmp_path: Path) -> None:
     out, ref = sema_uncached
     auto = _run(tmp_path, *SEMA, "train.cache=auto")
-    assert [e for e in ref["events"] if e["event"] == "expansion"]  # the run exercises detection and rounds
+    expansions = [(e["task"], e["layer"]) for e in ref["events"] if e["event"] == "expansion"]
+    assert len(expansions) >= 2 and any(layer > 3 for _, layer in expansions)  # detection, rounds at later blocks
     _assert_same_result(ref, auto)
     _assert_same_tensors(out, tmp_path)
     fills = [r for r in _cache_records(tmp_path) if r["action"] == "fill"]
@@ -123,7 +146,7 @@ def test_cap_spills_to_disk_and_stays_exact(sema_uncached, tmp_path: Path) -> No
 
 
 def test_fallback_is_logged(smoke_config, caplog) -> None:
-    cfg = smoke_config(*SEMA, *SMALL, "train.cache=auto", "stream.augment=flip")
+    cfg = smoke_config(*SEMA, "train.cache=auto", "stream.augment=flip")
     sess = loop.Session.create(cfg, jlog=None)
     records: list[dict] = []
     sess.ctx.log.write = lambda event, **f: records.append({"event": event, **f})  # type: ignore[method-assign]
@@ -269,7 +292,7 @@ def test_bf16_probe_answers() -> None:
 def test_cuda_bf16_path(smoke_config, tmp_path: Path) -> None:
     """The recommended GPU setting: bf16 autocast on CUDA. Forward close to fp32; full SEMA runs (cache on and
     off) complete with finite results, without the CPU warning."""
-    cfg = smoke_config(*SEMA, *SMALL, "train.device=cuda", "train.bf16=true")
+    cfg = smoke_config(*SEMA, "train.device=cuda", "train.bf16=true")
     sess = loop.Session.create(cfg)
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")
     with torch.no_grad():
@@ -278,7 +301,7 @@ def test_cuda_bf16_path(smoke_config, tmp_path: Path) -> None:
             half = sess.model.features(x).float()
     assert half.dtype == torch.float32 and (half - ref).norm() <= 0.05 * ref.norm()
     assert not precision.warn_slow_bf16(torch.device("cuda"))
-    results = {c: _run(tmp_path / c, *SEMA, *SMALL, "train.device=cuda", "train.bf16=true", f"train.cache={c}")
+    results = {c: _run(tmp_path / c, *SEMA, "train.device=cuda", "train.bf16=true", f"train.cache={c}")
                for c in ("off", "auto")}
     for r in results.values():
         assert all(0.0 <= a <= 100.0 for row in r["accuracy_matrix"] for a in row if a is not None)
