@@ -306,3 +306,33 @@ def test_cuda_bf16_path(smoke_config, tmp_path: Path) -> None:
     for r in results.values():
         assert all(0.0 <= a <= 100.0 for row in r["accuracy_matrix"] for a in row if a is not None)
     assert any(r["action"] == "fill" for r in _cache_records(tmp_path / "auto"))
+
+
+def test_fused_soft_mixture_equals_stacked_mixture() -> None:
+    """SEMA's inference path: the fused mixture equals mixing the stacked adapter outputs (gradients too)."""
+    from cl.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, mixed_bottleneck, stacked_bottleneck
+    from cl.mixture import mix
+
+    torch.manual_seed(0)
+    adapters = [BottleneckAdapter(16, 16, BottleneckConfig(bottleneck=4, scale=0.5)) for _ in range(5)]
+    for a in adapters:
+        torch.nn.init.normal_(a.up.weight)
+        torch.nn.init.normal_(a.up.bias)
+    x, w = torch.randn(3, 7, 16), torch.softmax(torch.randn(3, 5), -1)
+    ref, got = mix(stacked_bottleneck(adapters, x), w), mixed_bottleneck(adapters, x, w)
+    torch.testing.assert_close(got, ref)
+    g_ref = torch.autograd.grad(ref.square().sum(), adapters[-1].up.weight)[0]
+    g_got = torch.autograd.grad(got.square().sum(), adapters[-1].up.weight)[0]
+    torch.testing.assert_close(g_got, g_ref)
+    torch.testing.assert_close(mixed_bottleneck(adapters, x[:, 0], w), ref[:, 0])  # (B, d) inputs
+
+
+def test_adapters_placed_at_different_blocks_still_stack() -> None:
+    """SEMA's base adapter (all blocks) and its expansion adapters (one block) have the same computation: the fused
+    mixture must apply to them (a config comparison including ``blocks`` silently fell back to a per-adapter loop)."""
+    from cl.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, can_stack
+
+    base = BottleneckAdapter(16, 16, BottleneckConfig(blocks=None))
+    grown = BottleneckAdapter(16, 16, BottleneckConfig(blocks=(4,)))
+    assert can_stack([base, grown], training=False)
+    assert not can_stack([base, BottleneckAdapter(16, 16, BottleneckConfig(bottleneck=8))], training=False)
