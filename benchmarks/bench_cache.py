@@ -65,7 +65,8 @@ BUCKETS = ("detection", "classification", "descriptor", "alignment", "evaluation
 
 
 class Profile:
-    """Exclusive wall time per bucket (a nested timer pauses its parent)."""
+    """Exclusive time per bucket (a nested timer pauses its parent), in CPU seconds of this process: less disturbed
+    than wall time by other processes on a shared machine."""
 
     def __init__(self) -> None:
         self.times: dict[str, float] = defaultdict(float)
@@ -73,7 +74,7 @@ class Profile:
 
     @contextlib.contextmanager
     def bucket(self, name: str) -> Iterator[None]:
-        now = time.perf_counter()
+        now = time.process_time()
         if self.stack:
             parent = self.stack[-1]
             self.times[parent[0]] += now - parent[1]
@@ -82,7 +83,7 @@ class Profile:
             yield
         finally:
             name_, t0 = self.stack.pop()
-            now = time.perf_counter()
+            now = time.process_time()
             self.times[name_] += now - t0
             if self.stack:
                 self.stack[-1][1] = now
@@ -127,23 +128,25 @@ def whole_runs(args: argparse.Namespace, out: Path) -> None:
         common += ["stream.num_classes=10", "stream.train_images_per_class=24", "stream.test_images_per_class=24",
                    "train.epochs=3"]
     print(f"\n1. Whole runs, train.cache auto vs off ({base}{', 5 tasks' if args.quick else ''}; {args.repeats} "
-          f"interleaved repeat(s); exclusive seconds per part)")
-    print(f"   {'run':22s} {'off s':>8s} {'auto s':>8s} {'off/auto':>8s}  identical  breakdown off -> auto")
+          f"interleaved repeat(s); wall-clock seconds, and exclusive CPU seconds per part)")
+    print(f"   {'run':22s} {'off s':>8s} {'auto s':>8s} {'off/auto':>8s}  identical  CPU s per part, off -> auto")
     for name in names:
         over = list(table[name])
         if not any(o.startswith("strategy.name=") for o in over):
             over.insert(0, f"strategy.name={name}")
         times: dict[str, list[float]] = {"off": [], "auto": []}
+        cpu: dict[str, list[float]] = {"off": [], "auto": []}
         profiles: dict[str, Profile] = {}
         results: dict[str, dict] = {}
         for rep in range(args.repeats):
             for mode in ("off", "auto") if rep % 2 == 0 else ("auto", "off"):
                 cfg = load_config(base, [f"out={out / name / mode / str(rep)}", *common, *over, f"train.cache={mode}"])
                 profile = Profile()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 with instrumented(profile):
                     results[mode] = loop.run(cfg, figures=lambda *a: None)
                 times[mode].append(time.perf_counter() - t0)
+                cpu[mode].append(time.process_time() - c0)
                 profiles[mode] = profile
         a, b = results["off"], results["auto"]
         same = a["accuracy_matrix"] == b["accuracy_matrix"] and a["metrics"] == b["metrics"]
@@ -153,13 +156,15 @@ def whole_runs(args: argparse.Namespace, out: Path) -> None:
             t_off = profiles["off"].times.get(bucket, 0.0)
             t_auto = profiles["auto"].times.get(bucket, 0.0)
             if bucket == "other":
-                t_off = times["off"][-1] - sum(profiles["off"].times.values())
-                t_auto = times["auto"][-1] - sum(profiles["auto"].times.values())
+                t_off = cpu["off"][-1] - sum(profiles["off"].times.values())
+                t_auto = cpu["auto"][-1] - sum(profiles["auto"].times.values())
             if t_off > 0.05 or t_auto > 0.05:
                 parts.append(f"{bucket} {t_off:.1f}->{t_auto:.1f}")
+        cpu_off, cpu_auto = min(cpu["off"]), min(cpu["auto"])
         print(f"   {name:22s} {off_s:8.1f} {auto_s:8.1f} {off_s / auto_s:7.2f}x  {'yes' if same else 'NO':9s}  "
               f"{', '.join(parts)}")
-        print(f"   {'':22s} A_last {a['metrics'].get('a_last'):.2f} / {b['metrics'].get('a_last'):.2f}")
+        print(f"   {'':22s} CPU s {cpu_off:.1f} -> {cpu_auto:.1f} ({cpu_off / cpu_auto:.2f}x); A_last "
+              f"{a['metrics'].get('a_last'):.2f} / {b['metrics'].get('a_last'):.2f}")
 
 
 # --- 2. inference cost as tasks grow ----------------------------------------------------------------------------------

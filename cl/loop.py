@@ -235,7 +235,8 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     extra_preds: dict[str, list[Tensor]] = {}
     # CACHE: test-set tokens entering strategy.frozen_prefix(model), computed once per run (cl/cache.py)
     src, input_block = ctx.cache.eval_inputs(model, ds.datasets, strategy.frozen_prefix(model))
-    for x, y in ctx.progress(ctx.loader(src, ctx.train.eval_batch_size), f"eval after task {upto}"):
+    loader = ctx.loader(src, ctx.train.eval_batch_size, num_workers=0 if input_block else None)
+    for x, y in ctx.progress(loader, f"eval after task {upto}"):
         ctx.cache.next_batch(len(y))
         with ctx.autocast(), model.input_at(input_block):
             out = strategy.predict(model, ctx.to_device(x))

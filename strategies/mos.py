@@ -27,6 +27,9 @@ Deviations and switches (mos.md §10):
 - The loop only scores ``task_pred`` / ``task_pred_initial``; the prototype-only and head-only predictions are
   returned in ``Prediction.extras`` (``proto_pred``, ``head_pred``) for a loop that scores them. The adapter drift
   ‖θ_t − θ_0^snap‖ is logged (``mos_adapter_drift``) before each evaluation and after it.
+- Performance only (``train.cache: auto``): the adapter-0 features of a test image (prototype classifier, first
+  guess) are computed at its first evaluation and reused by later ones (``FrozenCache.rows``, guarded by a
+  fingerprint of the backbone and adapter 0). The adapter phase trains every block, so its inputs are not cached.
 """
 
 from __future__ import annotations

@@ -332,7 +332,7 @@ class SemaStrategy(Strategy):
         while len(self._expanded) < n_sites:
             self._stats.detection_passes += 1
             added, seen = False, 0
-            loader = ctx.loader(data, cfg.detect_batch_size, shuffle=True,
+            loader = ctx.loader(data, cfg.detect_batch_size, shuffle=True, num_workers=0 if block else None,
                                 key=("sema_detect", self._stats.detection_passes))
             for index, (x, _) in enumerate(loader):
                 if len(self._expanded) == n_sites:
