@@ -93,8 +93,9 @@ def _assert_same_tensors(a: Path, b: Path) -> None:
 # --- every registered strategy ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", STRATEGIES.names())
 def test_cached_run_equals_uncached(name: str, tmp_path: Path) -> None:
-    off = _run(tmp_path / "off", *_smoke_overrides(name), *SMALL, "train.cache=off")
-    auto = _run(tmp_path / "auto", *_smoke_overrides(name), *SMALL, "train.cache=auto")
+    two_tasks = [*SMALL, "stream.num_classes=4"]  # the second evaluation reuses the first one's test entries
+    off = _run(tmp_path / "off", *_smoke_overrides(name), *two_tasks, "train.cache=off")
+    auto = _run(tmp_path / "auto", *_smoke_overrides(name), *two_tasks, "train.cache=auto")
     _assert_same_result(off, auto)
     _assert_same_tensors(tmp_path / "off", tmp_path / "auto")
     assert not _cache_records(tmp_path / "off")
