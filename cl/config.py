@@ -53,6 +53,11 @@ class TrainConfig:
         checkpoint: write a checkpoint at every task boundary (enables ``--resume``).
         loss_limit: a training loss with ``|loss|`` above this is a numeric fault (a blow-up; the run stops at the
             last good boundary, ``cl.numerics``); ``null`` disables the check (NaN/inf are always faults).
+        cache: ``auto`` = reuse frozen computation (tokens entering the first trainable block, descriptor inputs,
+            test-set features) where it is exact (``cl.cache``); ``off`` = recompute everything.
+        cache_mb: RAM for the cache in MiB; entries beyond it go to a memory-mapped file in ``cache_dir``.
+        cache_dtype: storage type of cached values (``float32`` exact; ``bfloat16``/``float16`` halve the memory).
+        cache_dir: where entries over ``cache_mb`` are spilled (``None`` = the run folder, else the temp dir).
     """
 
     epochs: int = 1
@@ -70,6 +75,10 @@ class TrainConfig:
     progress: bool = True
     checkpoint: bool = True
     loss_limit: float | None = 1e6
+    cache: Literal["auto", "off"] = "off"
+    cache_mb: float = 2048.0
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam", "adamw"):
@@ -89,6 +98,12 @@ class TrainConfig:
             except (RuntimeError, ValueError):
                 raise ConfigError(f"train.device={self.device!r} is not a device; valid: auto, cpu, cuda, cuda:N, "
                                   f"mps") from None
+        if self.cache not in ("auto", "off"):
+            raise ConfigError(f"train.cache={self.cache!r}; valid choices: auto, off")
+        if self.cache_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"train.cache_dtype={self.cache_dtype!r}; valid choices: float32, bfloat16, float16")
+        if not self.cache_mb >= 0:
+            raise ConfigError(f"train.cache_mb must be >= 0, got {self.cache_mb}")
 
 
 @dataclass(frozen=True)

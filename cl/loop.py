@@ -27,11 +27,13 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from cl.backbone import DataSpec, create_backbone
+from cl.cache import FrozenCache
 from cl.checkpoint import VOLATILE_KEYS, CheckpointStore, load_run_checkpoint, save_run_checkpoint, verify_checkpoint
 from cl.config import ExperimentConfig, TrainConfig, config_to_dict
 from cl.errors import ClsimError, ConfigError, DataError, NumericalError, RunFolderError
 from cl.model import CLModel
 from cl.numerics import LogitWatch, check_loss
+from cl.precision import warn_slow_bf16
 from cl.registries import STRATEGIES, STREAMS
 from cl.runfolder import check_out_path, check_resume_config, prepare_folder
 from cl.runlock import RunLock, lock_holder, refusal
@@ -91,6 +93,10 @@ class RunContext:
     stream: Stream | None = None
     task: Task | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    cache: FrozenCache = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cache = FrozenCache(self)  # frozen-computation cache (cl/cache.py); inert with train.cache: off
 
     @property
     def num_seen(self) -> int:
@@ -100,6 +106,7 @@ class RunContext:
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.train.bf16:
             return contextlib.nullcontext()
+        warn_slow_bf16(self.device)  # once per process, on CPUs without native bf16
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def loader(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool = False, key: Any = 0,
@@ -183,8 +190,10 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         trained[id(p)] = p  # keeps the parameter alive so its id cannot be reused within the task
     model.assert_backbone_frozen()
     data = phase.data if phase.data is not None else task.train
+    # CACHE: tokens entering phase.trainable_from, computed once per task (cl/cache.py); input_block 0 = images
+    data, input_block = ctx.cache.phase_inputs(model, phase, data)
     loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, index),
-                        num_workers=phase.num_workers, drop_last=phase.drop_last)
+                        num_workers=0 if input_block else phase.num_workers, drop_last=phase.drop_last)
     frozen = _frozen_subset(phase, params)
     opt = _build_optimizer(groups, phase, ctx.train) if params else None
     sched_kind = phase.scheduler or ctx.train.scheduler
@@ -201,7 +210,7 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         bar = ctx.progress(loader, f"task {task.task_id} {phase.name} ep {epoch + 1}/{phase.epochs}")
         for x, y in bar:
             batch = Batch(ctx.to_device(x), ctx.to_device(y), task.task_id)
-            with ctx.autocast():
+            with ctx.autocast(), model.input_at(input_block):
                 out = strategy.loss(model, batch, phase)
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
@@ -220,6 +229,7 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
                 bar.set_postfix(loss=f"{loss:.3f}")
         if sched is not None:
             sched.step()
+        ctx.cache.check_phase()  # CACHE: the frozen prefix must not have changed (a wrong declaration raises)
         ctx.log.write("train_epoch", task=task.task_id, phase=phase.name, epoch=epoch,
                       **{"train/loss": total / max(count, 1), "train/lr": opt.param_groups[0]["lr"] if opt else None},
                       **({"frozen": epoch < phase.freeze_epochs} if frozen else {}), **phase.info)
@@ -228,6 +238,7 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
             ctx.log.write("epoch_eval", task=task.task_id, phase=phase.name, epoch=epoch,
                           **{"test/accuracy_row": ev["row"]}, **phase.info)
             model.train()
+    ctx.cache.end_phase()
     for p in params:
         p.requires_grad_(False)
     model.eval()
@@ -254,10 +265,15 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     preds, labels, task_preds, task_init = [], [], [], []
     extra_preds: dict[str, list[Tensor]] = {}
     batch_size, order = strategy.eval_batching(ds)  # e.g. MOS official mode: the code's test batch and order
-    data: Dataset = ds if order is None else Subset(ds, list(order))
+    # CACHE: test-set tokens entering strategy.frozen_prefix(model), computed once per run (cl/cache.py); per-sample
+    # row memos assume the dataset order, so a strategy-defined order turns them off for this evaluation
+    src, input_block = ctx.cache.eval_inputs(model, ds.datasets, strategy.frozen_prefix(model), rows=order is None)
+    data: Dataset = src if order is None else Subset(src, list(order))
+    loader = ctx.loader(data, batch_size or ctx.train.eval_batch_size, num_workers=0 if input_block else None)
     watch = LogitWatch()  # non-finite predictions are numeric faults (cl.numerics), read once after the pass
-    for x, y in ctx.progress(ctx.loader(data, batch_size or ctx.train.eval_batch_size), f"eval after task {upto}"):
-        with ctx.autocast():
+    for x, y in ctx.progress(loader, f"eval after task {upto}"):
+        ctx.cache.next_batch(len(y))
+        with ctx.autocast(), model.input_at(input_block):
             out = strategy.predict(model, ctx.to_device(x))
         pred = out if isinstance(out, Tensor) else out.logits
         watch.observe(pred)
@@ -271,6 +287,7 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
             for k, v in out.extras.items():
                 if k.endswith("_pred") and not k.startswith("task_pred"):
                     extra_preds.setdefault(k, []).append(v.cpu())
+    ctx.cache.end_eval()
     watch.check(ctx.log, upto)
     pred_t, y_t = torch.cat(preds), torch.cat(labels)
     true_task = torch.as_tensor(np.searchsorted(offsets, y_t.numpy(), side="right") - 1)
@@ -403,6 +420,7 @@ class Session:
         for index, phase in enumerate(self.strategy.phases(self.model, task)):
             _run_phase(self.model, self.strategy, phase, self.ctx, trained, index)
         self.strategy.after_task(self.model, task)
+        self.ctx.cache.release("task")  # CACHE: the task's training inputs are not needed again
         self.model.assert_backbone_frozen()
         return sum(p.numel() for p in trained.values())
 
@@ -478,7 +496,10 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
                               point="config")
             jlog.write("start", experiment=cfg.experiment, tasks=len(stream), device=str(ctx.device))
             with _named_run(run_dir):
-                _train_tasks(sess, stream.tasks[start_task:], state, store, jlog, cfg, cfg_hash)
+                try:
+                    _train_tasks(sess, stream.tasks[start_task:], state, store, jlog, cfg, cfg_hash)
+                finally:
+                    ctx.cache.close()  # CACHE: free every entry (spill files are already unlinked)
             result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
             atomic_write_json(run_dir / "result.json", result, point="result")
             try:

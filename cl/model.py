@@ -45,6 +45,7 @@ class CLModel(nn.Module):
         self.heads = cast("ModuleDictOf[Head]", nn.ModuleDict())
         self.extras = nn.ModuleDict()
         self._original_weights: dict[str, Tensor] = {}  # base weights of linears with merged adapters
+        self.input_block = 0  # what ``features`` receives: images (0), cached tokens entering block k (``input_at``)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
@@ -78,7 +79,27 @@ class CLModel(nn.Module):
         return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.pool(self.run_blocks(self.embed(x)))
+        """Images ``(B, 3, S, S)`` -> features ``(B, num_features)``; under :meth:`input_at` ``(k)`` the input is
+        the tokens entering block k (``k = len(blocks)``: the features themselves), as cached by ``cl.cache``."""
+        k = self.input_block
+        if k == 0:
+            return self.pool(self.run_blocks(self.embed(x)))
+        if k >= len(self.backbone.blocks):
+            return x
+        return self.pool(self.run_blocks(x, k))
+
+    @contextlib.contextmanager
+    def input_at(self, block: int) -> Iterator[None]:
+        """Within the block, ``features``/``forward`` take the tokens entering ``block`` instead of images (0 = images).
+
+        The loop sets it while it feeds a phase, a detection pass or an evaluation from the frozen-computation cache
+        (``cl.cache``); strategies that declare a frozen prefix must read their inputs through ``features``.
+        """
+        saved, self.input_block = self.input_block, block
+        try:
+            yield
+        finally:
+            self.input_block = saved
 
     def forward(self, x: Tensor, head: str = "main") -> Tensor:
         return self.heads[head](self.features(x))

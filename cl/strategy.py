@@ -106,6 +106,16 @@ class Strategy:
         """
         return None, None
 
+    def frozen_prefix(self, model: CLModel) -> int:
+        """Blocks ``0..k-1`` of the prediction path that will not change again in this run (0 = none).
+
+        With ``train.cache: auto`` the loop computes the test-set tokens entering block ``k`` once and passes them
+        to :meth:`predict` at every later evaluation (``len(blocks)``: the features; ``predict`` must then read its
+        input only through ``model.features``). Verified by a fingerprint, so an optimistic answer costs a
+        recomputation, never a wrong result.
+        """
+        return 0
+
     def predict(self, model: CLModel, x: Tensor) -> Tensor | Prediction:
         """Logits over all classes seen so far (class-incremental: no task id)."""
         return model(x)[:, : self.ctx.num_seen]

@@ -140,6 +140,10 @@ class Phase:
         info: free-form fields copied into the phase's log records.
         eval_every_epoch: after every epoch, evaluate on the test sets of the tasks seen so far and log the row to
             ``metrics.jsonl`` (``epoch_eval``); a diagnostic that never enters the accuracy matrix.
+        trainable_from: the first block whose computation can change (or be observed by a hook) during the phase:
+            ``len(blocks)`` when no block can (a head-only phase), 0 when block 0 trains, ``None`` = undeclared.
+            With ``train.cache: auto`` the loop then computes the tokens entering that block once per task and
+            feeds them to the phase instead of images (``cl.cache``; checked, so a wrong value raises).
     """
 
     name: str
@@ -159,6 +163,7 @@ class Phase:
     freeze_epochs: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     eval_every_epoch: bool = False
+    trainable_from: int | None = None
 
 
 def labels_of(ds: Dataset) -> Tensor:

@@ -48,9 +48,14 @@ class FinetuneStrategy(Strategy):
     def before_task(self, model: CLModel, task: Task) -> None:
         model.head("main", IncrementalLinear).grow(task.num_classes)
 
+    def frozen_prefix(self, model: CLModel) -> int:
+        """Blocks before the first adapted one never change (0 when every block is adapted)."""
+        return min(self.cfg.adapter_blocks) if self.cfg.adapter_blocks else 0
+
     def phases(self, model: CLModel, task: Task) -> Iterator[Phase]:
         params = model.adapter_parameters() + list(model.heads["main"].parameters())
-        yield Phase("adapters", params, self.cfg.epochs or self.ctx.train.epochs, lr=self.cfg.lr)
+        yield Phase("adapters", params, self.cfg.epochs or self.ctx.train.epochs, lr=self.cfg.lr,
+                    trainable_from=self.frozen_prefix(model))
 
     def loss_classes(self, stream: Stream, task: Task) -> int | None:
         return task.num_classes if self.cfg.mask_old else stream.seen_labels(task.task_id)

@@ -37,4 +37,5 @@ class JointStrategy(FinetuneStrategy):
         seen = [t.train for t in self.stream.tasks[: task.task_id + 1]]
         union: ConcatDataset[tuple[Tensor, int]] = ConcatDataset(seen)
         params = model.adapter_parameters() + list(model.heads["main"].parameters())
-        yield Phase("joint", params, self.cfg.epochs or self.ctx.train.epochs, data=union, lr=self.cfg.lr)
+        yield Phase("joint", params, self.cfg.epochs or self.ctx.train.epochs, data=union, lr=self.cfg.lr,
+                    trainable_from=self.frozen_prefix(model))

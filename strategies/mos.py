@@ -38,6 +38,9 @@ Deviations and switches (mos.md §10):
 - The loop only scores ``task_pred`` / ``task_pred_initial``; the prototype-only and head-only predictions are
   returned in ``Prediction.extras`` (``proto_pred``, ``head_pred``) for a loop that scores them. The adapter drift
   ‖θ_t − θ_0^snap‖ is logged (``mos_adapter_drift``) before each evaluation and after it.
+- Performance only (``train.cache: auto``): the adapter-0 features of a test image (prototype classifier, first
+  guess) are computed at its first evaluation and reused by later ones (``FrozenCache.rows``, guarded by a
+  fingerprint of the backbone and adapter 0). The adapter phase trains every block, so its inputs are not cached.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from cl.adapters import BottleneckConfig, adapter_name
+from cl.cache import Fingerprint, fingerprint
 from cl.config import StrategyConfig
 from cl.heads import IncrementalLinear
 from cl.mixture import Route
@@ -229,7 +233,7 @@ class MosStrategy(Strategy):
                   {"params": head_params, "lr": cfg.init_lr * cfg.head_lr_scale, "weight_decay": cfg.weight_decay}]
         yield Phase("adapters", groups, cfg.tuned_epoch, lr=cfg.init_lr, optimizer="sgd", momentum=0.9,
                     weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, scheduler="cosine",
-                    after_step=after_step, info={"merge_mode": cfg.merge_mode})
+                    after_step=after_step, info={"merge_mode": cfg.merge_mode}, trainable_from=0)
         self._train_state = None
         self.snapshots.append(flat_params(params).cpu())
         self.update_statistics(model, task)
@@ -351,8 +355,9 @@ class MosStrategy(Strategy):
         num_seen, num_tasks = self.ctx.num_seen, self.ctx.task.task_id + 1
         names = tuple(adapter_name(t) for t in range(num_tasks))
         task_of = self.task_of.to(x.device)
-        with model.routing(Route.select(names[0])):
-            f0 = model.features(x).float()
+        with model.routing(Route.select(names[0])):  # adapter 0 is frozen after task 1: one pass per test image
+            f0 = self.ctx.cache.rows("mos_adapter0_features", lambda: model.features(x).float(),
+                                     lambda: self.adapter0_fingerprint(model))
         z_proto = self.proto.scores(f0, num_seen)  # exact cosine logits of every seen class
         g0 = task_of[self.proto.nearest(f0, z_proto)]  # top-1 prototype (through the index for hnsw / ivf)
         batch = x.shape[0]
@@ -380,6 +385,15 @@ class MosStrategy(Strategy):
         scores = ensemble_scores(z, z_proto, num_tasks) if self.cfg.ensemble else z
         return Prediction(scores, task_pred=g, extras={"task_pred_initial": g0, "proto_pred": z_proto.argmax(1),
                                                        "head_pred": z.argmax(1)})
+
+    def adapter0_fingerprint(self, model: CLModel) -> Fingerprint:
+        """What adapter-0 features depend on (backbone, adapter ``t000``, normalisation): guards their cache."""
+        name = adapter_name(0)
+        named = [*model.backbone.named_parameters(), *model.backbone.named_buffers(), ("mean", model.mean),
+                 ("std", model.std)]
+        named += [(f"{key}.{k}", p) for key, site in model.sites.items() if name in site.adapters
+                  for k, p in site.adapters[name].named_parameters()]
+        return fingerprint(named, (name, tuple(sorted(k for k, s in model.sites.items() if name in s.merged))))
 
     def adapter_features(self, model: CLModel, x: Tensor, task_id: int) -> Tensor:
         """Features under stored adapter ``task_id``; official mode merges that snapshot 12 times in place."""

@@ -22,31 +22,39 @@ Deviations from the official code (each a documented switch or a change that doe
   ``router_init: match_old_bias`` (a new router column's bias starts at the mean bias of the frozen columns, against
   the imbalance of ``specs/sema.md`` section 12 row 10), ``router_init: cosine`` (every column of an expandable
   block's router scores the token mean by ``router_cosine_scale * cos(u, w_k)``, biases unused: logits bounded by
-  the scale, against the same imbalance; the official code has no such router), ``prefix_cache`` (performance
-  only; exact in float32 with deterministic training inputs, i.e. ``stream.augment: none``). Any non-default value
-  is a deviation.
+  the scale, against the same imbalance; the official code has no such router). Any non-default value is a deviation.
 
 Diagnostics (no effect on training): ``eval_every_epoch`` evaluates on the seen tasks' test sets after every epoch of
 a classification phase (the official trainer does this for logging, section 7) and logs ``epoch_eval`` records to
 ``metrics.jsonl`` (never into the accuracy matrix); ``sema_router_usage`` (section 10) records, after each task's
 evaluation, the mean softmax weight of every adapter at every expandable block over the evaluated test samples
 (gathered from the routers' own forward during that evaluation, no second pass).
+
+Frozen computation (performance only, ``train.cache: auto``; exact with deterministic training inputs, i.e.
+``stream.augment: none``; see ``cl/cache.py``): after task 1 blocks before the first expandable one never change,
+so the loop computes their output once per task for detection and every training round (a round at block b declares
+``Phase.trainable_from = b``; a head-only phase ``len(blocks)``) and once per run for the test sets
+(``frozen_prefix``). The RD phase trains the descriptors on their inputs (token means of the block inputs), computed
+once per round from the frozen model: 20 epochs of small autoencoders instead of 20 backbone passes. The old
+``prefix_cache`` switch is deprecated and ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from cl.adapters import BottleneckConfig, adapter_name
 from cl.adapters.inject import site_key
+from cl.cache import declared_hook
 from cl.config import StrategyConfig
 from cl.heads import IncrementalLinear
 from cl.mixture import ExpandableRouter, Route
@@ -70,6 +78,8 @@ if TYPE_CHECKING:
     from cl._typing import ModuleDictOf
 
 __all__ = ["SemaConfig", "SemaStrategy"]
+
+log = logging.getLogger(__name__)
 
 BASE = adapter_name(0)
 RD_KEY = "sema_rd"
@@ -104,8 +114,8 @@ class SemaConfig(StrategyConfig):
             (scaled-cosine logits, see the module docstring). router_cosine_scale: the scale s of ``cosine``.
         eval_every_epoch: diagnostic test evaluation after every classification-phase epoch (``epoch_eval`` in
             ``metrics.jsonl``; the accuracy matrix is unaffected).
-        prefix_cache: from task 2 on, cache the input of the first expandable block per training image (needs
-            ``stream.augment: none``).
+        prefix_cache: deprecated and ignored: the loop's frozen-computation cache (``train.cache: auto``) does this
+            and more (kept so that old configs still load).
     """
 
     name: str = "sema"
@@ -128,7 +138,7 @@ class SemaConfig(StrategyConfig):
     router_init: Literal["faithful", "match_old_bias", "cosine"] = "faithful"
     router_cosine_scale: float = 10.0
     eval_every_epoch: bool = False
-    prefix_cache: bool = False
+    prefix_cache: bool = False  # deprecated (no effect): use train.cache: auto
     #: the official recipe uses SGD; ``adamw`` is a deviation for backbones/datasets where SGD at the paper's rates
     #: diverges or stalls (e.g. the CPU quickstart: DINOv2-S features, 120 images per task)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -187,6 +197,8 @@ class SemaStrategy(Strategy):
         self._added: dict[int, int] = {}
         self._keepalive: list[nn.Parameter] = []
         self._usage: dict[int, list[Tensor]] | None = None  # block -> [sum of softmax weights (K,), samples (1,)]
+        self._capture: dict[int, Tensor] | None = None  # descriptor inputs collected by the block-input hook
+        self._rd_blocks: list[int] = []  # blocks of the cached descriptor inputs of the current RD phase
 
     # --- setup --------------------------------------------------------------------------------------------------
     def setup(self, model: CLModel, stream: Stream) -> None:
@@ -200,10 +212,8 @@ class SemaStrategy(Strategy):
             raise ValueError(f"strategy.expandable_blocks {bad} out of range: the backbone has blocks 0..{n_blocks - 1}"
                              f" (e.g. expandable_blocks: {list(range(max(0, n_blocks - 3), n_blocks))})")
         if cfg.prefix_cache:
-            augmented = {getattr(t.train, "augment", "none") for t in stream.tasks} - {"none"}
-            if augmented:
-                raise ValueError(f"strategy.prefix_cache needs deterministic training inputs (stream.augment: none),"
-                                 f" got augment {sorted(augmented)}")
+            log.warning("strategy.prefix_cache is deprecated and has no effect: use train.cache: auto (the loop's "
+                        "frozen-computation cache, cl/cache.py)")
         d, device = model.spec.num_features, self.ctx.device
         model.attach("bottleneck", self._adapter_cfg(None), BASE)
         model.set_route(Route.select(BASE))
@@ -214,7 +224,9 @@ class SemaStrategy(Strategy):
             site.route = Route.soft()
             _rd_lists(model)[str(b)] = nn.ModuleList([self._new_rd(d)])
             norm2 = cast("Block", model.backbone.blocks[b]).norm2
-            self._handles.append(norm2.register_forward_pre_hook(functools.partial(self._on_block_input, b)))
+            # declared: its effects are covered by trainable_from / frozen_prefix (it records only for unfrozen RDs)
+            hook = declared_hook(functools.partial(self._on_block_input, b))
+            self._handles.append(norm2.register_forward_pre_hook(hook))
         model.heads["main"] = IncrementalLinear(d, stream.num_classes).to(device)
         self._model = model
 
@@ -255,6 +267,11 @@ class SemaStrategy(Strategy):
             if block == self.cfg.expandable_blocks[-1]:
                 raise StopForward
             return
+        if self._capture is not None:  # descriptor inputs for the cache (eval mode, no gradient)
+            self._capture[block] = h.float().mean(dim=1)
+            if self._stop_at == block:
+                raise StopForward
+            return
         if not model.training:
             return
         rds = [rd for rd in self.rds(model, block) if not rd.is_frozen]
@@ -291,7 +308,7 @@ class SemaStrategy(Strategy):
         self._detecting = True
         try:
             with self.ctx.autocast():
-                self._features(model, x)
+                model.features(x)
         except ExpansionSignal as sig:
             return sig
         except StopForward:
@@ -300,18 +317,32 @@ class SemaStrategy(Strategy):
             self._detecting = False
         return None
 
-    # --- forward --------------------------------------------------------------------------------------------------
-    def _features(self, model: CLModel, x: Tensor) -> Tensor:
-        """Features of images, or of cached tokens entering the first expandable block (``prefix_cache``)."""
-        if x.is_floating_point() and x.ndim == 3:
-            return model.pool(model.run_blocks(x, self.cfg.expandable_blocks[0]))
-        return model.features(x)
+    # --- frozen computation (cl/cache.py) ----------------------------------------------------------------------------
+    def frozen_prefix(self, model: CLModel) -> int:
+        """After task 1, blocks before the first expandable one never change (section 4, prefix caching)."""
+        return self.cfg.expandable_blocks[0] if self._base_done else 0
 
-    def _prefix_dataset(self, model: CLModel, task: Task) -> Dataset:
-        first = self.cfg.expandable_blocks[0]
-        tokens, labels = self.ctx.extract(model, task.train, lambda x: model.run_blocks(model.embed(x), 0, first),
-                                          desc="sema prefix cache")
-        return TensorDataset(tokens, labels)
+    def descriptor_inputs(self, model: CLModel, x: Tensor, blocks: list[int]) -> Tensor:
+        """Token means of the inputs of ``blocks`` (what their RDs see), ``(B, len(blocks), d)`` in float32.
+
+        ``x``: images, or tokens under ``model.input_at``; the forward stops after the last of ``blocks``.
+        """
+        self._capture, self._stop_at = {}, max(blocks)
+        try:
+            model.features(x)
+        except StopForward:
+            pass
+        finally:
+            captured, self._capture, self._stop_at = self._capture, None, None
+        return torch.stack([captured[b] for b in blocks], dim=1)
+
+    def _rd_inputs(self, model: CLModel, task: Task) -> Dataset | None:
+        """The RD phase's data: cached descriptor inputs of the task's training set (``None``: train from images)."""
+        blocks = [b for b in self.cfg.expandable_blocks if any(not rd.is_frozen for rd in self.rds(model, b))]
+        self._rd_blocks = blocks
+        return self.ctx.cache.derived(model, task.train, f"sema_rd_inputs_{blocks}",
+                                      lambda x: self.descriptor_inputs(model, x, blocks), max(blocks) + 1,
+                                      "phase sema_rd", training=True)
 
     # --- phases ---------------------------------------------------------------------------------------------------
     def phases(self, model: CLModel, task: Task) -> Iterator[Phase]:
@@ -319,22 +350,25 @@ class SemaStrategy(Strategy):
         self._expanded, self._stats, self._added = set(), _TaskStats(trainable_params_per_round=[]), {}
         if not self._base_done:  # task 1: one round on every adapter, the three RDs and the placeholder columns
             self._new = {b: BASE for b in range(len(model.backbone.blocks))}
-            yield from self._round(model, None)
+            yield from self._round(model, task)
             self._base_done = True
             return
-        data = self._prefix_dataset(model, task) if cfg.prefix_cache else task.train
+        first = cfg.expandable_blocks[0]
+        cached = ctx.cache.inputs(model, task.train, first, "sema detection")  # frozen blocks, once per task
+        data, block = (cached, first) if cached is not None else (task.train, 0)
         n_sites = len(cfg.expandable_blocks)
         while len(self._expanded) < n_sites:
             self._stats.detection_passes += 1
             added, seen = False, 0
-            loader = ctx.loader(data, cfg.detect_batch_size, shuffle=True,
+            loader = ctx.loader(data, cfg.detect_batch_size, shuffle=True, num_workers=0 if block else None,
                                 key=("sema_detect", self._stats.detection_passes))
             for index, (x, _) in enumerate(loader):
                 if len(self._expanded) == n_sites:
                     break
                 seen += len(x)
                 self._stats.detection_batches += 1
-                sig = self.detect_batch(model, ctx.to_device(x))
+                with model.input_at(block):
+                    sig = self.detect_batch(model, ctx.to_device(x))
                 if sig is None:
                     continue
                 self.expand(model, task.task_id, sig.layer)
@@ -342,19 +376,20 @@ class SemaStrategy(Strategy):
                           batch_index=index, samples_seen=seen, z_mean_per_adapter=sig.z_mean,
                           z_min=min(sig.z_mean), threshold=cfg.exp_threshold,
                           buffer_stats=[list(s) for s in sig.stats])
-                yield from self._round(model, data if cfg.prefix_cache else None)
+                yield from self._round(model, task)
                 added = True
             if not added:
                 break
         if self._stats.training_rounds == 0:  # nothing fired: train the head only (section 5.5)
             yield self._phase("sema_head", list(model.heads["main"].parameters()), cfg.func_epoch, cfg.init_lr,
-                              data if cfg.prefix_cache else None)
+                              None, len(model.backbone.blocks))
 
-    def _phase(self, name: str, params: list, epochs: int, lr: float, data: Dataset | None) -> Phase:
+    def _phase(self, name: str, params: list, epochs: int, lr: float, data: Dataset | None,
+               trainable_from: int) -> Phase:
         cfg = self.cfg
         return Phase(name, params, epochs, data=data, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                      weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, scheduler="cosine",
-                     info={"round": self._stats.training_rounds},
+                     info={"round": self._stats.training_rounds}, trainable_from=trainable_from,
                      eval_every_epoch=cfg.eval_every_epoch and name != "sema_rd")
 
     def expand(self, model: CLModel, task_id: int, block: int) -> None:
@@ -372,9 +407,10 @@ class SemaStrategy(Strategy):
         self._added[block] = 1
         self._new = {block: name}
 
-    def _round(self, model: CLModel, data: Dataset | None) -> Iterator[Phase]:
+    def _round(self, model: CLModel, task: Task) -> Iterator[Phase]:
         """One training round (section 7): classification phase, RD phase, then freeze everything and merge."""
         cfg = self.cfg
+        first_trained = min(self._new)  # new adapters and pending router columns sit at these blocks
         cls_params: list[nn.Parameter] = []
         for block, name in self._new.items():
             cls_params += model.adapter_parameters(name, [self._site(block)])
@@ -391,10 +427,12 @@ class SemaStrategy(Strategy):
         self._keepalive += cls_params
         if cfg.rd_training == "joint":
             groups = [{"params": cls_params, "lr": cfg.init_lr}, {"params": rd_params, "lr": cfg.rd_lr}]
-            yield self._phase("sema_joint", groups, cfg.func_epoch, cfg.init_lr, data)
+            yield self._phase("sema_joint", groups, cfg.func_epoch, cfg.init_lr, None, first_trained)
         else:
-            yield self._phase("sema_cls", cls_params, cfg.func_epoch, cfg.init_lr, data)
-            yield self._phase("sema_rd", rd_params, cfg.rd_epoch, cfg.rd_lr, data)
+            yield self._phase("sema_cls", cls_params, cfg.func_epoch, cfg.init_lr, None, first_trained)
+            # the RDs only observe the now frozen model: their inputs are computed once (None: from images)
+            yield self._phase("sema_rd", rd_params, cfg.rd_epoch, cfg.rd_lr, self._rd_inputs(model, task),
+                              len(model.backbone.blocks))
         for block in cfg.expandable_blocks:
             for rd in self.rds(model, block):
                 rd.freeze()
@@ -407,11 +445,14 @@ class SemaStrategy(Strategy):
         task = self.ctx.task
         assert task is not None
         rd_out: dict[int, Tensor] | None
+        if phase.name == "sema_rd" and phase.data is not None:  # cached descriptor inputs (B, len(blocks), d)
+            rd_loss = _rd_loss(self._cached_rd_errors(model, batch.x))
+            return StepOutput(rd_loss, {"rd": float(rd_loss.detach())})
         if phase.name == "sema_rd":
             blocks = [b for b in self.cfg.expandable_blocks if any(not rd.is_frozen for rd in self.rds(model, b))]
             self._rd_out, self._stop_at = {}, max(blocks)
             try:
-                self._features(model, batch.x)
+                model.features(batch.x)
             except StopForward:
                 pass
             finally:
@@ -421,7 +462,7 @@ class SemaStrategy(Strategy):
         joint = phase.name == "sema_joint"
         self._rd_out = {} if joint else None
         try:
-            logits = model.heads["main"](self._features(model, batch.x))
+            logits = model.heads["main"](model.features(batch.x))
         finally:
             rd_out, self._rd_out = self._rd_out, None
         ce = masked_cross_entropy(logits, batch.y, self.ctx.num_seen, task.label_offset)
@@ -429,6 +470,18 @@ class SemaStrategy(Strategy):
             return StepOutput(ce, {"ce": float(ce.detach())})
         rd_loss = _rd_loss(rd_out)
         return StepOutput(ce + rd_loss, {"ce": float(ce.detach()), "rd": float(rd_loss.detach())})
+
+    def _cached_rd_errors(self, model: CLModel, u: Tensor) -> dict[int, Tensor]:
+        """RD errors (with gradient) on cached descriptor inputs, recorded as the block-input hook would."""
+        out: dict[int, Tensor] = {}
+        for i, block in enumerate(self._rd_blocks):
+            rds = [rd for rd in self.rds(model, block) if not rd.is_frozen]
+            with torch.autocast(u.device.type, enabled=False):
+                errs = descriptor_errors(rds, u[:, i])  # (K, B)
+            out[block] = errs
+            for rd, e in zip(rds, errs, strict=True):
+                rd.record(e)
+        return out
 
     # --- after the task ---------------------------------------------------------------------------------------------
     def after_task(self, model: CLModel, task: Task) -> None:

@@ -46,5 +46,9 @@ class SimplecilStrategy(Strategy):
         means = torch.stack([feats[labels == c].mean(0) for c in uniq])
         model.head("proto", PrototypeHead).set_prototypes(uniq, means)
 
+    def frozen_prefix(self, model: CLModel) -> int:
+        """Nothing ever trains: test-set features are computed once per run (``train.cache: auto``)."""
+        return len(model.backbone.blocks)
+
     def predict(self, model: CLModel, x: Tensor) -> Tensor:
         return model.heads["proto"](model.features(x))[:, : self.ctx.num_seen]

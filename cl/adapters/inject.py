@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from cl.adapters.attention import explicit_attention, missing_attention_parts
 from cl.adapters.base import Adapter, AdapterConfig, AdapterSpec
-from cl.adapters.bottleneck import can_stack, stacked_bottleneck
+from cl.adapters.bottleneck import can_stack, mixed_bottleneck
 from cl.mixture import ExpandableRouter, Route, mix
 from cl.registries import ADAPTERS
 
@@ -184,8 +184,9 @@ class AdaptedSite(nn.Module):
             mods = [self.adapters[n] for n in names]
             if weights.shape[-1] != len(mods):
                 raise ValueError(f"{self.target}: {weights.shape[-1]} routing weights for {len(mods)} adapters")
-            outs = stacked_bottleneck(mods, x) if can_stack(mods, self.training) else torch.stack([m(x) for m in mods])
-            return mix(outs, weights)
+            if can_stack(mods, self.training):  # one fused mixture: cost flat in the batch, no (K, B, N, d) stack
+                return mixed_bottleneck(mods, x, weights)
+            return mix(torch.stack([m(x) for m in mods]), weights)
         raise ValueError(f"unknown route kind {route.kind!r}")
 
     # --- hooks -------------------------------------------------------------------------------------------------
