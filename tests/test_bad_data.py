@@ -190,6 +190,7 @@ def test_accuracies_are_exact_fractions(tiny_model, tiny_stream):
     from cl.config import TrainConfig
     from cl.loop import RunContext, _evaluate, percent_correct
     from cl.runlog import JsonlLog
+    from cl.strategy import Strategy
     from cl.types import Prediction
 
     test = tiny_stream.tasks[0].test  # 2 classes x 6 images = 12 samples
@@ -197,8 +198,11 @@ def test_accuracies_are_exact_fractions(tiny_model, tiny_stream):
     truth = {test[i][0].numpy().tobytes(): int(test.labels[i]) for i in range(len(test))}
     wrong = test[0][0].numpy().tobytes()
 
-    class AllButOne:
+    class AllButOne(Strategy):
         """Predicts every test label (and task) correctly except the first sample's."""
+
+        def __init__(self) -> None:  # no config or context needed: only predict() and the defaults run
+            pass
 
         def predict(self, model, x):
             y = torch.tensor([truth[v.numpy().tobytes()] ^ (v.numpy().tobytes() == wrong) for v in x.cpu()])
