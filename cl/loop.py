@@ -417,6 +417,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
             if cfg.train.checkpoint:
                 save_run_checkpoint(ckpt_dir, model, strategy, state, task.task_id, cfg_hash)
     result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
+    result["config_hash"] = cfg_hash  # sweeps: a result.json is "done" only for the config that wrote it
     atomic_write_json(run_dir / "result.json", result)
     try:
         figures(result, run_dir)

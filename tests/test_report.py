@@ -12,6 +12,7 @@ from evaluation.metrics import compute_metrics
 from evaluation.report import make_report, write_run_figures
 
 N_TEST = [100, 50, 50]
+FIGURES = ("forgetting_curves.png", "forgetting.png", "final_accuracy_per_task.png", "expansion.png")
 MATRICES = {
     ("finetune", 0): [[90.0, None, None], [80.0, 70.0, None], [85.0, 72.0, 60.0]],
     ("finetune", 1): [[92.0, None, None], [60.0, 75.0, None], [40.0, 50.0, 70.0]],
@@ -70,17 +71,17 @@ def test_make_report_writes_all_files(runs_root: Path, tmp_path: Path) -> None:
         "comparison.csv",
         "report.md",
         "report.html",
-        "forgetting_curves.png",
-        "final_accuracy_per_task.png",
+        "pivot.csv",
+        *FIGURES,
     ):
         assert (out_dir / name).stat().st_size > 0, name
     assert not list(out_dir.glob("*.tmp")) and not list(out_dir.glob(".*"))
-    for name in ("forgetting_curves.png", "final_accuracy_per_task.png"):
+    for name in FIGURES:
         assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "sema" in html
+    assert html.count("data:image/png;base64,") == len(FIGURES) and "sema" in html
     text = report.read_text()
-    assert "forgetting_curves.png" in text and "final_accuracy_per_task.png" in text
+    assert all(name in text for name in FIGURES)
     assert text.index("| smoke | sema |") < text.index("| smoke | finetune |")  # sorted by A_last
 
 
