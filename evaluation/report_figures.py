@@ -120,10 +120,10 @@ def write_run_figures(result: Mapping[str, Any], run_dir: Path) -> list[Path]:
 
 def _stack(series: Sequence[Sequence[float | None] | None]) -> np.ndarray:
     """Stack ragged series into a (num_series, max_len) array padded with NaN."""
-    series = [s or [] for s in series]
-    width = max((len(s) for s in series), default=0)
-    out = np.full((len(series), width), np.nan)
-    for k, s in enumerate(series):
+    rows = [list(s or []) for s in series]
+    width = max((len(s) for s in rows), default=0)
+    out = np.full((len(rows), width), np.nan)
+    for k, s in enumerate(rows):
         out[k, : len(s)] = [np.nan if v is None else v for v in s]
     return out
 
