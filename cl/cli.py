@@ -42,6 +42,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, args.report)
     names = [n for n in args.strategies.split(",") if n] or None
     plan = build_plan(sweep, strategies=names, extra=args.set)  # every run validated before any starts
+    if args.runs:
+        plan.runs = [plan.runs[i] for i in _run_numbers(args.runs, len(plan.runs))]
     if args.dry_run:
         print("\n".join(describe_plan(plan)))
         return 0
@@ -53,6 +55,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  {o.run.label}: {o.error}  log: {o.log_path}")
     print(f"report: {done.report}" if done.report else "report: none (no run finished)")
     return 1 if done.failed else 0
+
+
+def _run_numbers(text: str, count: int) -> list[int]:
+    """``"1,3-5"`` -> ``[0, 2, 3, 4]`` (the 1-based numbers of ``--dry-run``'s listing)."""
+    from cl.errors import ConfigError
+
+    picked: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ConfigError(f"--runs {text}: expected numbers and ranges like 1,3-5") from None
+        if not 1 <= first <= last <= count:
+            raise ConfigError(f"--runs {text}: the plan has runs 1-{count}")
+        picked += [i - 1 for i in range(first, last + 1) if i - 1 not in picked]
+    return picked
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -100,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     s.add_argument("--report", default=None, help="report folder (default: the sweep file's, else reports/<stem>)")
     s.add_argument("--dry-run", action="store_true", help="print the plan (count, what differs, state) and exit")
+    s.add_argument("--runs", default="", help="only these runs of the plan, by --dry-run number: 1,3-5")
     s.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: one run after another here; ray: one Ray task per run")
     s.add_argument("--address", default=None,

@@ -355,6 +355,9 @@ def build_plan(sweep: SweepFile, *, strategies: Sequence[str] | None = None,
         clash = [k for k in keys if k in extra_keys]
         if clash:
             raise ConfigError(f"--set {clash[0]}: {clash[0]} is a grid key of the sweep; change the grid instead")
+        both = [k for k in entry.overrides if k in grid]
+        if both:
+            raise ConfigError(f"strategies.{name}.{both[0]}: also a grid key; set it in one place")
         varying = tuple(k for k in keys if len(grid[k]) > 1)
         for combo in itertools.product(*(grid[k] for k in keys)):
             values = dict(zip(keys, combo, strict=True))
@@ -427,7 +430,7 @@ def describe_plan(plan: SweepPlan) -> list[str]:
         grid = {k: list(dict.fromkeys(_fmt_value(r.settings[k]) for r in plan.runs if r.strategy == name))
                 for k in first.varying}
         what = "; ".join(f"{k} in {{{', '.join(v)}}}" for k, v in grid.items()) or "one run"
-        lines.append(f"  {name}: {n} runs: {what}")
+        lines.append(f"  {name}: {n} run{'s' if n != 1 else ''}: {what}")
     width = max((len(r.label) for r in plan.runs), default=0)
     for r, s in zip(plan.runs, states, strict=True):
         lines.append(f"  [{r.index + 1:>{len(str(len(plan.runs)))}}] {s:<7} {r.label:<{width}}  {r.run_dir}  "

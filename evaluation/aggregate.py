@@ -79,8 +79,12 @@ def _key(value: Any) -> str:
 
 
 def assign_groups(records: list[dict[str, Any]]) -> None:
-    """Set ``settings`` (``"k=v, ..."`` of the config values that vary within the run's strategy), ``group`` (a
-    hashable id) and ``label`` (short, unique per group) on every record, in place."""
+    """Set ``group`` (a hashable id), ``settings`` and ``label`` on every record, in place.
+
+    ``group`` holds experiment, strategy, stream, split and the config values that vary between the runs of the
+    strategy (seed excepted); ``settings`` (``"k=v, ..."``) the values that differ between groups of one experiment,
+    strategy, stream and split; ``label`` is short and unique per group.
+    """
     by_strategy: dict[str, list[dict[str, Any]]] = {}
     for rec in records:
         by_strategy.setdefault(str(rec["strategy"]), []).append(rec)
@@ -89,9 +93,17 @@ def assign_groups(records: list[dict[str, Any]]) -> None:
         varying = [k for k in keys if len({_key(r["config"].get(k)) for r in recs}) > 1]
         for r in recs:
             r["_varying"] = {k: r["config"].get(k) for k in varying}
-            r["settings"] = ", ".join(f"{k}={_fmt(v)}" for k, v in r["_varying"].items())
             r["group"] = (str(r["experiment"]), str(r["strategy"]), str(r["stream"]), str(r["split"]),
                           _key(r["_varying"]))
+    # settings shown: the values that tell apart groups sharing experiment, strategy, stream and split (the names
+    # of a sweep's runs already carry their grid values)
+    contexts: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        contexts.setdefault(r["group"][:4], []).append(r)
+    for recs in contexts.values():
+        shown = [k for k in recs[0]["_varying"] if len({_key(r["_varying"].get(k)) for r in recs}) > 1]
+        for r in recs:
+            r["settings"] = ", ".join(f"{k}={_fmt(r['_varying'][k])}" for k in shown)
     # labels: experiment / strategy, plus the split and the settings only where needed to tell groups apart
     base: dict[str, set[Any]] = {}
     for r in records:
