@@ -48,7 +48,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print("\n".join(describe_plan(plan)))
         return 0
     done = run_sweep(plan, executor=args.executor, address=args.address, max_retries=args.max_retries,
-                     echo=lambda m: print(m, flush=True), progress=sys.stderr.isatty())
+                     echo=lambda m: print(m, flush=True), progress=sys.stderr.isatty(), rerun=args.rerun)
     if done.failed:
         print(f"{len(done.failed)} of {len(plan.runs)} runs failed:")
         for o in done.failed:
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", default=None, help="report folder (default: the sweep file's, else reports/<stem>)")
     s.add_argument("--dry-run", action="store_true", help="print the plan (count, what differs, state) and exit")
     s.add_argument("--runs", default="", help="only these runs of the plan, by --dry-run number: 1,3-5")
+    s.add_argument("--rerun", action="store_true",
+                   help="delete the planned runs' folders and run them again (default: finished runs are skipped)")
     s.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: one run after another here; ray: one Ray task per run")
     s.add_argument("--address", default=None,

@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
 import logging
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -96,8 +98,6 @@ def execute_run(run: RunSpec, *, progress: bool | None = None) -> dict[str, Any]
     t0 = time.time()
     state = run_status(run)
     if state == "done":
-        import json
-
         result = json.loads((run.run_dir / "result.json").read_text())
         return {**_summary(run, result, False, 0.0), "skipped": True}
     cfg = run.config
@@ -243,14 +243,39 @@ def run_ray(runs: Sequence[RunSpec], *, address: str | None = None, max_retries:
     return [outcomes[r.index] for r in runs]
 
 
+def _other_code(runs: Sequence[RunSpec]) -> int:
+    """How many of ``runs`` recorded a git SHA other than the current checkout's (0 when it is unknown)."""
+    from cl.loop import _versions
+
+    sha = _versions().get("git_sha", "unknown")
+    if sha == "unknown":
+        return 0
+    count = 0
+    for r in runs:
+        try:
+            recorded = json.loads((r.run_dir / "config.json").read_text()).get("versions", {}).get("git_sha")
+        except (OSError, ValueError, AttributeError):
+            continue
+        count += recorded not in (None, "unknown", sha)
+    return count
+
+
 def run_sweep(plan: SweepPlan, *, executor: Literal["local", "ray"] = "local", address: str | None = None,
               max_retries: int = 3, echo: Echo = print, run_fn: RunFn | None = None,
-              progress: bool = True) -> SweepOutcome:
+              progress: bool = True, rerun: bool = False) -> SweepOutcome:
     """Execute the runs of ``plan`` that are not done, then write the report from every run that finished.
 
     Failures (after the retries) are listed in the report with their log path; the report is written whenever at
     least one run finished.
+
+    Args:
+        rerun: delete every planned run's folder first, so that all of them run again from scratch (e.g. after a
+            code change: "done" means a result for the same *config*, whatever code produced it).
     """
+    if rerun:
+        for r in plan.runs:
+            if r.run_dir.is_dir():
+                shutil.rmtree(r.run_dir)
     todo, outcomes = [], []
     for r in plan.runs:
         if run_status(r) == "done":
@@ -259,6 +284,9 @@ def run_sweep(plan: SweepPlan, *, executor: Literal["local", "ray"] = "local", a
             todo.append(r)
     if outcomes:
         echo(f"{len(outcomes)} of {len(plan.runs)} runs already done (result.json for the same config): skipped")
+        other = _other_code([o.run for o in outcomes])
+        if other:
+            echo(f"  {other} of them were made by another code version (git SHA in config.json); --rerun redoes them")
     if todo:
         echo(f"running {len(todo)} runs with the {executor} executor")
         if executor == "ray":

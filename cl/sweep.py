@@ -338,6 +338,9 @@ def build_plan(sweep: SweepFile, *, strategies: Sequence[str] | None = None,
     """
     extra = list(extra or [])
     extra_keys = {item.split("=", 1)[0].strip() for item in extra}
+    if "experiment" in extra_keys:
+        raise ConfigError("--set experiment: a sweep derives each run's experiment name; set the base config's "
+                          "experiment (the name prefix) instead")
     base_data = _read_yaml(sweep.base) or {}
     if not isinstance(base_data, dict):
         raise ConfigError(f"{sweep.base}: a config file must hold a mapping of sections")

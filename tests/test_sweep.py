@@ -99,10 +99,15 @@ def test_invalid_grids_fail_before_any_run_naming_the_key(tmp_path: Path, body: 
     assert not out.exists() and not (tmp_path / "report").exists()
 
 
-def test_set_may_not_collapse_a_grid_key(tmp_path: Path) -> None:
+def test_set_may_not_collapse_a_grid_key_or_rename_runs(tmp_path: Path) -> None:
     path = _sweep(tmp_path, "grid: {seed: [0, 1]}\n")
     with pytest.raises(ConfigError, match="--set seed"):
         build_plan(load_sweep(path), extra=["seed=3"])
+    with pytest.raises(ConfigError, match="--set experiment"):
+        build_plan(load_sweep(path), extra=["experiment='../../elsewhere'"])
+    with pytest.raises(ConfigError, match="strategies.finetune.train.lr: also a grid key"):
+        build_plan(load_sweep(_sweep(tmp_path, "grid: {train.lr: [0.1, 0.2]}\n"
+                                               "strategies: {finetune: {train.lr: 0.3}}\n")))
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path, capsys) -> None:
@@ -131,6 +136,15 @@ def test_local_sweep_skips_done_runs_resumes_partial_ones_and_reports_failures(t
 
     again = run_sweep(plan, run_fn=must_not_run, echo=lines.append)  # a second invocation runs nothing
     assert [o.status for o in again.outcomes] == ["skipped", "skipped"] and again.report is not None
+
+    one = build_plan(load_sweep(path), extra=[*TINY, f"out={str(tmp_path / 'runs')!r}"])
+    one.runs = one.runs[:1]
+    (one.runs[0].run_dir / "stray.txt").write_text("x")
+    redo = run_sweep(one, rerun=True, echo=lines.append)  # --rerun: the folder is cleared and the run redone
+    assert [o.status for o in redo.outcomes] == ["finished"] and not redo.outcomes[0].summary["resumed"]
+    assert not (one.runs[0].run_dir / "stray.txt").exists()
+    assert json.loads((one.runs[0].run_dir / "result.json").read_text())["accuracy_matrix"] == \
+        results[0]["accuracy_matrix"]
 
     # interrupted after its last checkpoint, before result.json: picked up from the checkpoint, same result
     (plan.runs[1].run_dir / "result.json").unlink()
