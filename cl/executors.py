@@ -183,6 +183,15 @@ def _import_ray() -> Any:
         raise ConfigError('--executor ray: Ray is not installed; pip install -e ".[ray]"') from None
 
 
+def _init_ray(ray: Any, address: str | None) -> None:
+    """``ray.init`` for a driver: a local instance, or the cluster at ``address``; one-line error if unreachable."""
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"--address {address}" if address else "a local Ray instance"
+        raise ConfigError(f"{where}: Ray did not start or connect ({_first_line(err)})") from None
+
+
 def run_ray(runs: Sequence[RunSpec], *, address: str | None = None, max_retries: int = 3, echo: Echo = print,
             run_fn: RunFn | None = None, progress: bool = True) -> list[RunOutcome]:
     """Run every run as one Ray task; stream one line per finished run (and a progress bar over runs).
@@ -200,8 +209,10 @@ def run_ray(runs: Sequence[RunSpec], *, address: str | None = None, max_retries:
     ray = _import_ray()
     run_fn = run_fn or functools.partial(execute_run, progress=False)  # workers have no terminal for bars
     started = False
+    if max_retries < 0:
+        raise ConfigError(f"--max-retries must be >= 0, got {max_retries}")
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _init_ray(ray, address)
         started = True
     from tqdm.auto import tqdm
 

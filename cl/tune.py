@@ -295,14 +295,14 @@ def run_tune(spec: TuneSpec, *, address: str | None = None, echo: Callable[[str]
     Returns:
         ``{"config": best values, "metrics": its validation metrics, "results": spec.out}``.
     """
-    from cl.executors import _import_ray
+    from cl.executors import _import_ray, _init_ray
 
     ray = _import_ray()
     from ray import tune
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _init_ray(ray, address)
         started = True
     try:
         search = dict(spec.search)

@@ -35,3 +35,9 @@ def kill_once_at_task_boundary(run: RunSpec) -> dict[str, Any]:
 
 def must_not_run(run: RunSpec) -> dict[str, Any]:
     raise AssertionError(f"{run.label} ran although it was done")
+
+
+def always_die(run: RunSpec) -> dict[str, Any]:
+    """A worker that dies on every attempt (a node lost for good)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")

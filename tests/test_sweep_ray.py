@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from cl.cli import main
 from cl.executors import run_sweep
 from cl.sweep import build_plan, describe_plan, load_sweep
-from tests.sweep_helpers import KILL_SEED, KILL_STRATEGY, kill_once_at_task_boundary, must_not_run
+from tests.sweep_helpers import KILL_SEED, KILL_STRATEGY, always_die, kill_once_at_task_boundary, must_not_run
 
 ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]" (scripts/setup.sh does)')
 
@@ -73,11 +74,27 @@ def test_ray_executor_matches_local_with_a_killed_worker(ray_session, sweep_file
     assert len(comparison) == 1 + 3  # one group per strategy, seeds averaged
 
 
-def test_second_invocation_runs_nothing(ray_session, sweep_file: Path) -> None:
+def test_second_invocation_runs_nothing(ray_session, sweep_file: Path, capsys) -> None:
     plan = _plan(sweep_file, "ray")
     assert "6 done, 0 to resume, 0 to start" in describe_plan(plan)[0]
+    sets = [a for item in [*TINY, f"out={str(sweep_file.parent / 'ray')!r}"] for a in ("--set", item)]
+    assert main(["sweep", str(sweep_file), "--executor", "ray", *sets]) == 0  # the command line, same session
+    out = capsys.readouterr().out
+    assert "6 of 6 runs already done" in out and "running" not in out and "report: " in out
     done = run_sweep(plan, executor="ray", run_fn=must_not_run, echo=lambda _: None, progress=False)
     assert [o.status for o in done.outcomes] == ["skipped"] * 6 and done.report is not None
+
+
+def test_run_whose_worker_always_dies_is_listed_with_its_log(ray_session, sweep_file: Path) -> None:
+    plan = _plan(sweep_file, "dying")
+    plan.runs = plan.runs[:1]
+    lines: list[str] = []
+    done = run_sweep(plan, executor="ray", run_fn=always_die, max_retries=1, echo=lines.append, progress=False)
+    assert [o.status for o in done.outcomes] == ["failed"] and done.report is None  # nothing finished: no report
+    failure = done.failed[0]
+    assert failure.log_path == plan.runs[0].run_dir / "run.log"
+    assert "failed after 1 retries" in failure.log_path.read_text()
+    assert any("FAILED" in line and str(failure.log_path) in line for line in lines)
 
 
 def test_tune_search_on_ray(ray_session, tmp_path: Path) -> None:
