@@ -46,9 +46,16 @@ def _results(plan) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def local_results(sweep_file: Path) -> list[dict]:
+    import torch
+
     plan = _plan(sweep_file, "local")
     assert len(plan.runs) == 6
-    done = run_sweep(plan, executor="local", echo=lambda _: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each Ray task gets (num_cpus=1): the same float reductions, bit for bit
+    try:
+        done = run_sweep(plan, executor="local", echo=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
     assert not done.failed
     return _results(plan)
 
