@@ -405,7 +405,10 @@ def run_status(run: RunSpec) -> RunState:
     cfg = _read_json(folder / "config.json")
     result = _read_json(folder / "result.json")
     if result is not None and result.get("accuracy_matrix"):
-        result_hash = result.get("config_hash") or (cfg or {}).get("config_hash")
+        result_hash = result.get("config_hash")
+        if result_hash is None and cfg is not None and \
+                (folder / "result.json").stat().st_mtime >= (folder / "config.json").stat().st_mtime:
+            result_hash = cfg.get("config_hash")  # results written before result.json recorded its config hash
         if result_hash == run.run_id:
             return "done"
     if cfg is None:

@@ -20,7 +20,7 @@ A tune file::
     search: {name: random, num_samples: 8}              # tune.create_searcher name (+ its arguments)
     scheduler: {name: async_hyperband, grace_period: 1} # tune.create_scheduler name (+ its arguments)
     resources: {num_cpus: 1, num_gpus: 0}
-    out: runs/tune/sema                                  # Tune's storage (shared filesystem on a cluster)
+    out: tune/sema          # default tune/<file stem>: Tune's storage (shared filesystem on a cluster)
 
 Distributions: ``uniform``, ``loguniform``, ``quniform`` ``[low, high, q]``, ``randint`` ``[low, high)``, ``choice``
 (a list) and ``grid`` (a list, every value tried), Ray Tune's own sampling functions.
@@ -173,7 +173,7 @@ class TuneSpec:
     search: dict[str, Any] = field(default_factory=lambda: {"name": "random", "num_samples": 8})
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "async_hyperband", "grace_period": 1})
     resources: Resources = field(default_factory=Resources)
-    out: Path = Path("runs/tune")
+    out: Path = Path("tune")
 
     def config(self, values: dict[str, Any]) -> ExperimentConfig:
         """The experiment config of a trial with ``values`` for the space's keys."""
@@ -230,7 +230,7 @@ def load_tune(path: str | Path, extra: Sequence[str] | None = None) -> TuneSpec:
         raise ConfigError(f"mode={mode!r}; valid choices: max, min")
     spec = TuneSpec(path, base, sets, space, tasks, float(frac), metric, mode,
                     resources=_parse_resources(data.get("resources"), "resources"),
-                    out=Path(str(data.get("out") or f"runs/tune/{path.stem}")))
+                    out=Path(str(data.get("out") or f"tune/{path.stem}")))
     for key, default in (("search", spec.search), ("scheduler", spec.scheduler)):
         raw = data.get(key, default)
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
