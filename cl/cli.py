@@ -1,4 +1,4 @@
-"""The ``clsim`` command line: ``run``, ``sweep``, ``list``, ``report``.
+"""The ``clsim`` command line: ``run``, ``sweep``, ``tune``, ``list``, ``report``.
 
 Errors in configs, names, data, weights and run folders, and numeric faults, print one line
 ``clsim: error: <key or file>: <reason>`` and exit with code 2 (command-line syntax errors too); an interrupted
@@ -43,14 +43,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    """Run a config (or sweep file) once per strategy, then write a comparison report."""
-    from cl.sweep import load_sweep, run_sweep
+    """Expand a sweep file (or a config) into its runs, run those not done yet, then write the comparison report."""
+    from cl.executors import run_sweep
+    from cl.sweep import build_plan, describe_plan, load_sweep
 
-    plan = load_sweep(args.config, args.report)
+    sweep = load_sweep(args.config, args.report)
     names = [n for n in args.strategies.split(",") if n] or None
-    _, report = run_sweep(plan, strategies=names, extra=args.set, resume=args.resume, skip_done=args.skip_done,
-                          echo=lambda m: print(m, flush=True))
-    print(f"report: {report}")
+    plan = build_plan(sweep, strategies=names, extra=args.set)  # every run validated before any starts
+    if args.runs:
+        plan.runs = [plan.runs[i] for i in _run_numbers(args.runs, len(plan.runs))]
+    if args.dry_run:
+        print("\n".join(describe_plan(plan)))
+        return 0
+    done = run_sweep(plan, executor=args.executor, address=args.address, max_retries=args.max_retries,
+                     echo=lambda m: print(m, flush=True), progress=sys.stderr.isatty(), rerun=args.rerun)
+    if done.failed:
+        print(f"{len(done.failed)} of {len(plan.runs)} runs failed:")
+        for o in done.failed:
+            print(f"  {o.run.label}: {o.error}  log: {o.log_path}")
+    print(f"report: {done.report}" if done.report else "report: none (no run finished)")
+    return 1 if done.failed else 0
+
+
+def _run_numbers(text: str, count: int) -> list[int]:
+    """``"1,3-5"`` -> ``[0, 2, 3, 4]`` (the 1-based numbers of ``--dry-run``'s listing)."""
+    from cl.errors import ConfigError
+
+    picked: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise ConfigError(f"--runs {text}: expected numbers and ranges like 1,3-5") from None
+        if not 1 <= first <= last <= count:
+            raise ConfigError(f"--runs {text}: the plan has runs 1-{count}")
+        picked += [i - 1 for i in range(first, last + 1) if i - 1 not in picked]
+    return picked
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from cl.tune import load_tune, run_tune
+
+    spec = load_tune(args.config, extra=args.set)
+    if args.dry_run:
+        print("\n".join(spec.describe()))
+        return 0
+    best = run_tune(spec, address=args.address, echo=lambda m: print(m, flush=True))
+    print(f"best ({spec.metric}, {spec.mode}): {best['metrics'].get(spec.metric)}  config: {best['config']}")
+    print(f"results: {best['results']}")
     return 0
 
 
@@ -87,14 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=0.01")
     r.add_argument("--resume", action="store_true", help="continue from the last task-boundary checkpoint")
     r.set_defaults(fn=_cmd_run)
-    s = sub.add_parser("sweep", help="run a config or sweep file once per strategy and write a comparison report")
+    s = sub.add_parser("sweep", help="run a grid of experiments (sweep file or config) and write a comparison report")
     s.add_argument("config")
     s.add_argument("--strategies", default="", help="comma-separated names (default: every registered strategy)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     s.add_argument("--report", default=None, help="report folder (default: the sweep file's, else reports/<stem>)")
-    s.add_argument("--resume", action="store_true")
-    s.add_argument("--skip-done", action="store_true", help="reuse runs that already have a result.json")
+    s.add_argument("--dry-run", action="store_true", help="print the plan (count, what differs, state) and exit")
+    s.add_argument("--runs", default="", help="only these runs of the plan, by --dry-run number: 1,3-5")
+    s.add_argument("--rerun", action="store_true",
+                   help="delete the planned runs' folders and run them again (default: finished runs are skipped)")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one run after another here; ray: one Ray task per run")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, ray://head:10001); default: start a local Ray instance")
+    s.add_argument("--max-retries", type=int, default=3, help="Ray retries of a run whose worker or node died")
+    # runs already done are always skipped and started runs always resume: both flags are kept as no-ops
+    s.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--skip-done", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(fn=_cmd_sweep)
+    t = sub.add_parser("tune", help="hyper-parameter search with Ray Tune (validation split of the first k tasks)")
+    t.add_argument("config", help="tune file (base config, search space, protocol, search algorithm, scheduler)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every trial")
+    t.add_argument("--dry-run", action="store_true", help="print the search space and protocol and exit")
+    t.add_argument("--address", default=None, help="Ray cluster to join; default: a local Ray instance")
+    t.set_defaults(fn=_cmd_tune)
     ls = sub.add_parser("list", help="list registered strategies, streams, adapters, index backends, metrics")
     ls.set_defaults(fn=_cmd_list)
     rep = sub.add_parser("report", help="comparison report over run folders")

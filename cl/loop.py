@@ -501,6 +501,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, summarize: Callable[...,
                 finally:
                     ctx.cache.close()  # CACHE: free every entry (spill files are already unlinked)
             result = _finalize(cfg, stream, state, summarize, time.time() - t_start)
+            result["config_hash"] = cfg_hash  # sweeps: a result.json is "done" only for the config that wrote it
             atomic_write_json(run_dir / "result.json", result, point="result")
             try:
                 figures(result, run_dir)
