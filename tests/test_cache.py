@@ -52,7 +52,11 @@ def _run_dir(out: Path) -> Path:
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(_run_dir(out) / "checkpoint" / "tensors.safetensors"))
+    """The tensors of the run's newest task-boundary checkpoint."""
+    from cl.checkpoint import CheckpointStore
+
+    (_, newest), *_ = CheckpointStore(_run_dir(out) / "checkpoint").boundaries()
+    return load_file(str(newest / "tensors.safetensors"))
 
 
 def _cache_records(out: Path) -> list[dict]:

@@ -107,7 +107,7 @@ def _one_epoch_sets(name: str) -> list[str]:
 
     cfg_cls = STRATEGIES.get(name).config_cls
     return [f"strategy.{f.name}=1" for f in dataclasses.fields(cfg_cls)
-            if re.fullmatch(r"(.+_)?epochs?", f.name) and f.default is not None]
+            if re.fullmatch(r"(.+_)?epochs?", f.name) and type(f.default) is int]  # not flags (eval_every_epoch)
 
 
 @pytest.mark.parametrize("name", NAMES)
