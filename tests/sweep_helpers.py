@@ -19,17 +19,18 @@ def kill_once_at_task_boundary(run: RunSpec) -> dict[str, Any]:
     checkpoint of task 0 is written (a worker dying mid-run). The marker beside the run folder records the kill."""
     marker = Path(run.run_dir).parent / f".killed-{run.config.seed}"
     if run.strategy == KILL_STRATEGY and run.config.seed == KILL_SEED and not marker.exists():
-        import cl.loop
+        from cl.checkpoint import CheckpointStore
 
-        save = cl.loop.save_run_checkpoint
+        write = CheckpointStore.write
 
-        def save_then_die(ckpt_dir: Path, model: Any, strategy: Any, state: Any, task_id: int, cfg_hash: str) -> None:
-            save(ckpt_dir, model, strategy, state, task_id, cfg_hash)
+        def write_then_die(self: CheckpointStore, task_id: int, *args: Any, **kwargs: Any) -> Any:
+            out = write(self, task_id, *args, **kwargs)  # the boundary is complete (renamed into place) here
             if task_id == 0:
                 marker.write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
+            return out
 
-        cl.loop.save_run_checkpoint = save_then_die  # type: ignore[assignment]
+        CheckpointStore.write = write_then_die  # type: ignore[method-assign]
     return execute_run(run, progress=False)
 
 
