@@ -40,19 +40,21 @@ load_builtin()
 
 from strategies.sema import SemaStrategy  # noqa: E402  (after registration)
 
-# the quickstart sweep's per-strategy settings (configs/quickstart_sweep.yaml), plus SEMA at the official epochs
-SWEEP: dict[str, list[str]] = {
-    "sema": ["strategy.func_epoch=3", "strategy.rd_epoch=3", "strategy.batch_size=16", "strategy.optimizer=adamw",
-             "strategy.init_lr=0.001", "strategy.rd_lr=0.001", "strategy.exp_threshold=0.5"],
-    "sema_official_epochs": ["strategy.name=sema", "strategy.func_epoch=5", "strategy.rd_epoch=20",
-                             "strategy.batch_size=16", "strategy.optimizer=adamw", "strategy.init_lr=0.001",
-                             "strategy.rd_lr=0.001", "strategy.exp_threshold=0.5"],
-    "mos": ["strategy.tuned_epoch=3", "strategy.crct_epochs=5", "strategy.batch_size=32"],
-    "simplecil": [],
-    "finetune": [],
-    "finetune_last3": ["strategy.name=finetune", "strategy.adapter_blocks=[9,10,11]"],
-    "joint": [],
-}
+
+def quickstart_runs() -> dict[str, list[str]]:
+    """Every registered strategy with its overrides from ``configs/quickstart_sweep.yaml`` (the README's main job),
+    plus SEMA at the official 5/20 epochs and finetune with adapters in the last three blocks only."""
+    from cl.registries import STRATEGIES
+    from cl.sweep import load_sweep
+
+    plan = load_sweep("configs/quickstart_sweep.yaml")
+    runs = {name: list(plan.overrides.get(name, [])) for name in STRATEGIES.names()}
+    sema = [o for o in runs.get("sema", []) if not o.startswith(("strategy.func_epoch=", "strategy.rd_epoch="))]
+    runs["sema_official_epochs"] = ["strategy.name=sema", *sema, "strategy.func_epoch=5", "strategy.rd_epoch=20"]
+    runs["finetune_last3"] = ["strategy.name=finetune", "strategy.adapter_blocks=[9,10,11]"]
+    return runs
+
+
 QUICK: dict[str, list[str]] = {
     "sema": ["strategy.expandable_blocks=(3,4,5)", "strategy.func_epoch=2", "strategy.rd_epoch=10",
              "strategy.rd_dim=16", "strategy.batch_size=16", "strategy.detect_batch_size=32",
@@ -120,7 +122,7 @@ def instrumented(profile: Profile) -> Iterator[None]:
 
 
 def whole_runs(args: argparse.Namespace, out: Path) -> None:
-    table = QUICK if args.quick else SWEEP
+    table = QUICK if args.quick else quickstart_runs()
     names = [n for n in table if not args.strategies or n in args.strategies]
     base = "configs/smoke.yaml" if args.quick else "configs/quickstart.yaml"
     common = ["train.progress=false", "train.checkpoint=false"]
