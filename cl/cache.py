@@ -62,7 +62,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 if TYPE_CHECKING:
     from cl.adapters.inject import AdaptedSite
-    from cl.loop import RunContext
+    from cl.context import RunContext
     from cl.model import CLModel
     from cl.types import Phase
 
