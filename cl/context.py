@@ -69,7 +69,7 @@ class RunContext:
     cache: FrozenCache = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.cache = FrozenCache(self)  # frozen-computation cache (cl/cache.py); inert with train.cache: off
+        self.cache = FrozenCache(self)  # frozen-computation cache (cl/cache/); inert with train.cache: off
 
     @property
     def num_seen(self) -> int:

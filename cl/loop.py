@@ -101,7 +101,7 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         trained[id(p)] = p  # keeps the parameter alive so its id cannot be reused within the task
     model.assert_backbone_frozen()
     data = phase.data if phase.data is not None else task.train
-    # CACHE: tokens entering phase.trainable_from, computed once per task (cl/cache.py); input_block 0 = images
+    # CACHE: tokens entering phase.trainable_from, computed once per task (cl/cache/); input_block 0 = images
     data, input_block = ctx.cache.phase_inputs(model, phase, data)
     loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, index),
                         num_workers=0 if input_block else phase.num_workers, drop_last=phase.drop_last)
@@ -176,7 +176,7 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     preds, labels, task_preds, task_init = [], [], [], []
     extra_preds: dict[str, list[Tensor]] = {}
     batch_size, order = strategy.eval_batching(ds)  # e.g. MOS official mode: the code's test batch and order
-    # CACHE: test-set tokens entering strategy.frozen_prefix(model), computed once per run (cl/cache.py); per-sample
+    # CACHE: test-set tokens entering strategy.frozen_prefix(model), computed once per run (cl/cache/); per-sample
     # row memos assume the dataset order, so a strategy-defined order turns them off for this evaluation
     src, input_block = ctx.cache.eval_inputs(model, ds.datasets, strategy.frozen_prefix(model), rows=order is None)
     data: Dataset = src if order is None else Subset(src, list(order))
