@@ -19,12 +19,11 @@ machine and its load and are printed only for orientation.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import time_interleaved  # benchmarks/, run as a script
 
 from cl.backbone import BackboneConfig, create_backbone
 from cl.config import TrainConfig
@@ -54,16 +53,6 @@ def build(args: argparse.Namespace, pet: str) -> tuple[CLModel, LaeStrategy]:
         strategy.before_task(model, ctx.task)
     assert OFFLINE in model.adapter_names()
     return model, strategy
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def bench_pet(args: argparse.Namespace, pet: str, gen: torch.Generator) -> tuple[dict[str, float], dict[str, float]]:
@@ -104,14 +93,7 @@ def bench_pet(args: argparse.Namespace, pet: str, gen: torch.Generator) -> tuple
         strategy.predict(model, x)
 
     def measure(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(2):  # warm-up
-            for fn in fns.values():
-                fn()
-        for _ in range(args.repeats):  # interleaved
-            for k, fn in fns.items():
-                times[k].append(timed(fn, device))
-        return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        return {k: v * 1e3 for k, v in time_interleaved(fns, args.repeats, device, warmup=2).items()}
 
     model.train()
     steps = measure({"plain": step, "lae": step_lae, "loop": step_loop_ema})

@@ -17,11 +17,10 @@ machine mean little):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import time_interleaved  # benchmarks/, run as a script
 from torch import Tensor
 
 from cl.adapters import LoraConfig
@@ -49,23 +48,6 @@ def naive_skill_loop(adapter: SkillLinearAdapter, x: Tensor, heads_too: bool) ->
         a_t = a_mix.reshape(-1, a.shape[-1])
         b_t = b_mix.permute(1, 0, 2).reshape(b.shape[-2], -1)
     return (x @ a_t @ b_t) * adapter.scaling
-
-
-def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds per call, the candidates alternating within every repeat."""
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def site_benchmark(args: argparse.Namespace, device: torch.device) -> None:

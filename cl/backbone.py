@@ -256,6 +256,13 @@ def create_backbone(cfg: BackboneConfig) -> tuple[nn.Module, DataSpec]:
         _check_shapes(path, state, model, cfg.name)
         model.load_state_dict(state, strict=True)
         log.info("loaded backbone weights from %s", path)
+    return _frozen(model, cfg)
+
+
+def _frozen(model: nn.Module, cfg: BackboneConfig) -> tuple[nn.Module, DataSpec]:
+    """``model`` frozen in place (no gradients, eval mode) and the :class:`DataSpec` of its inputs: image size,
+    normalisation (``cfg.mean`` / ``cfg.std`` / ``cfg.normalize`` over the model's ``pretrained_cfg``), feature width
+    and number of blocks."""
     model.requires_grad_(False)
     model.eval()
     pcfg = cast("dict[str, Any]", model.pretrained_cfg or {})  # timm sets pretrained_cfg on every model
@@ -288,12 +295,4 @@ def adopt_backbone(model: nn.Module, cfg: BackboneConfig | None = None) -> tuple
     cfg = cfg or BackboneConfig()
     if model.num_classes:
         model.reset_classifier(0)
-    model.requires_grad_(False)
-    model.eval()
-    pcfg = cast("dict[str, Any]", model.pretrained_cfg or {})
-    mean = tuple(cfg.mean or pcfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(cfg.std or pcfg.get("std", (0.229, 0.224, 0.225)))
-    if not cfg.normalize:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    img_size = int(model.patch_embed.img_size[0])
-    return model, DataSpec(img_size, mean, std, int(model.num_features), len(model.blocks))
+    return _frozen(model, cfg)

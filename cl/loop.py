@@ -3,6 +3,9 @@
 For each task: ``strategy.before_task`` -> every phase the strategy yields (optimiser rebuilt per phase from its
 parameters; only those parameters have ``requires_grad`` while it runs) -> ``strategy.after_task`` -> evaluation on
 every seen task (one pass over their test sets, which fills row i of the accuracy matrix) -> checkpoint.
+
+:class:`~cl.context.RunContext` (what strategies may use from the loop), :func:`~cl.context.derive_seed`,
+:func:`~cl.context.rng_scope` and :func:`~cl.context.resolve_device` live in :mod:`cl.context` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,23 +20,21 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from cl.backbone import DataSpec, create_backbone
-from cl.cache import FrozenCache
 from cl.checkpoint import VOLATILE_KEYS, CheckpointStore, load_run_checkpoint, save_run_checkpoint, verify_checkpoint
 from cl.config import ExperimentConfig, TrainConfig, config_to_dict
+from cl.context import RunContext, derive_seed, resolve_device, rng_scope
 from cl.errors import ClsimError, ConfigError, DataError, NumericalError, RunFolderError
 from cl.model import CLModel
 from cl.numerics import LogitWatch, check_loss
-from cl.precision import warn_slow_bf16
 from cl.registries import STRATEGIES, STREAMS
 from cl.runfolder import check_out_path, check_resume_config, prepare_folder
 from cl.runlock import RunLock, lock_holder, refusal
@@ -60,100 +61,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device={name} but only {torch.cuda.device_count()} CUDA devices exist")
-    return dev
-
-
 def run_dir_of(cfg: ExperimentConfig) -> Path:
     """``<out>/<experiment>/<seed>``; raises :class:`ConfigError` if the experiment name would leave ``out``."""
     check_run_name(cfg.experiment)
     return Path(cfg.out) / cfg.experiment / str(cfg.seed)
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 32-bit seed derived from any hashable description (stable across processes)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
-@dataclass
-class RunContext:
-    """What a strategy may use from the loop: device, data loaders, autocast, logging, the current task."""
-
-    train: TrainConfig
-    device: torch.device
-    seed: int
-    log: JsonlLog
-    stream: Stream | None = None
-    task: Task | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
-    cache: FrozenCache = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.cache = FrozenCache(self)  # frozen-computation cache (cl/cache.py); inert with train.cache: off
-
-    @property
-    def num_seen(self) -> int:
-        assert self.task is not None
-        return self.task.labels[-1] + 1
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.train.bf16:
-            return contextlib.nullcontext()
-        warn_slow_bf16(self.device)  # once per process, on CPUs without native bf16
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
-    def loader(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool = False, key: Any = 0,
-               drop_last: bool = False, num_workers: int | None = None) -> DataLoader:
-        """A DataLoader; shuffling is seeded by ``(seed, task, key)`` so runs and resumes are reproducible."""
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.task.task_id if self.task else -1, key))
-        return DataLoader(
-            dataset, batch_size=batch_size or self.train.batch_size, shuffle=shuffle, generator=gen,
-            num_workers=self.train.num_workers if num_workers is None else num_workers, drop_last=drop_last,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-        )
-
-    def to_device(self, x: Tensor) -> Tensor:
-        return x.to(self.device, non_blocking=True)
-
-    def progress(self, iterable: Any, desc: str, total: int | None = None) -> Any:
-        if not self.train.progress:
-            return iterable
-        from tqdm.auto import tqdm
-
-        if total is None and hasattr(iterable, "__len__"):
-            total = len(iterable)
-        # iterate our own iterator: handing a DataLoader to tqdm changes the order its seeded generator yields,
-        # which would make results depend on whether progress bars are shown
-        return tqdm(iter(iterable), desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-    @torch.no_grad()
-    def extract(self, model: CLModel, dataset: Dataset, fn: Callable[[Tensor], Tensor] | None = None,
-                desc: str = "features") -> tuple[Tensor, Tensor]:
-        """Apply ``fn`` (default ``model.features``) to a dataset in eval mode; returns ``(outputs, labels)`` on CPU."""
-        fn = fn or model.features
-        was = model.training
-        model.eval()
-        outs, labels = [], []
-        loader = self.loader(dataset, self.train.eval_batch_size)
-        for x, y in self.progress(loader, desc):
-            with self.autocast():
-                outs.append(fn(self.to_device(x)).float().cpu())
-            labels.append(y)
-        model.train(was)
-        return torch.cat(outs), torch.cat(labels)
-
-    def event(self, kind: str, **fields: Any) -> None:
-        """Record a strategy event (e.g. an expansion) in the JSONL log and in ``result.json``."""
-        rec = {"event": kind, "task": self.task.task_id if self.task else None, **fields}
-        self.events.append(rec)
-        self.log.write(kind, **{k: v for k, v in rec.items() if k != "event"})
 
 
 def _param_groups(phase: Phase) -> list[dict[str, Any]]:
@@ -190,7 +101,7 @@ def _run_phase(model: CLModel, strategy: Strategy, phase: Phase, ctx: RunContext
         trained[id(p)] = p  # keeps the parameter alive so its id cannot be reused within the task
     model.assert_backbone_frozen()
     data = phase.data if phase.data is not None else task.train
-    # CACHE: tokens entering phase.trainable_from, computed once per task (cl/cache.py); input_block 0 = images
+    # CACHE: tokens entering phase.trainable_from, computed once per task (cl/cache/); input_block 0 = images
     data, input_block = ctx.cache.phase_inputs(model, phase, data)
     loader = ctx.loader(data, phase.batch_size, shuffle=True, key=("phase", phase.name, index),
                         num_workers=0 if input_block else phase.num_workers, drop_last=phase.drop_last)
@@ -265,7 +176,7 @@ def _evaluate(model: CLModel, strategy: Strategy, stream: Stream, upto: int, ctx
     preds, labels, task_preds, task_init = [], [], [], []
     extra_preds: dict[str, list[Tensor]] = {}
     batch_size, order = strategy.eval_batching(ds)  # e.g. MOS official mode: the code's test batch and order
-    # CACHE: test-set tokens entering strategy.frozen_prefix(model), computed once per run (cl/cache.py); per-sample
+    # CACHE: test-set tokens entering strategy.frozen_prefix(model), computed once per run (cl/cache/); per-sample
     # row memos assume the dataset order, so a strategy-defined order turns them off for this evaluation
     src, input_block = ctx.cache.eval_inputs(model, ds.datasets, strategy.frozen_prefix(model), rows=order is None)
     data: Dataset = src if order is None else Subset(src, list(order))
@@ -361,15 +272,6 @@ def _config_hash(cfg_dict: dict[str, Any]) -> str:
         section, name = key.split(".")
         keep.get(section, {}).pop(name, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def rng_scope(seed: int, device: torch.device) -> Iterator[None]:  # noqa: D401
-    """Seeded RNG for the run, restored afterwards (library code never leaves the global RNG changed)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cuda"):
-        torch.manual_seed(seed)
-        yield
 
 
 class Session:

@@ -22,7 +22,7 @@ from cl.registries import STRATEGIES
 from cl.types import Batch, Phase, Prediction, StepOutput, Stream, Task
 
 if TYPE_CHECKING:
-    from cl.loop import RunContext
+    from cl.context import RunContext
     from cl.model import CLModel
 
 __all__ = ["Strategy", "register_strategy", "masked_cross_entropy", "check_loss_classes"]
@@ -51,7 +51,7 @@ def masked_cross_entropy(logits: Tensor, y: Tensor, num_seen: int, old: int = 0)
 class Strategy:
     """Base class: sensible defaults so a simple method only overrides ``setup`` and ``phases``.
 
-    Attributes set by the loop: ``ctx`` (the :class:`~cl.loop.RunContext`), ``stream``.
+    Attributes set by the loop: ``ctx`` (the :class:`~cl.context.RunContext`), ``stream``.
     """
 
     name: ClassVar[str] = ""

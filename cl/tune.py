@@ -87,7 +87,7 @@ def held_out_stream(stream: Stream, tasks: int, val_fraction: float, seed: int) 
     Raises:
         ConfigError: ``tasks`` exceeds the stream, or a class has fewer than 2 training samples.
     """
-    from cl.loop import derive_seed
+    from cl.context import derive_seed
 
     if not 1 <= tasks <= len(stream):
         raise ConfigError(f"protocol.tasks={tasks}: the stream has {len(stream)} tasks")

@@ -155,22 +155,24 @@ def _finish(ax: Any, xlabel: str, ylabel: str, title: str, drawn: bool) -> None:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_stage_curves(records: Sequence[Mapping[str, Any]], path: Path) -> bytes:
-    """Stage accuracy A_i against tasks learned, per group (mean, 95% CI band)."""
+def _curve_figure(records: Sequence[Mapping[str, Any]], key: str, ylabel: str, title: str, path: Path) -> bytes:
+    """One figure of per-stage curves ``key`` against tasks learned, per group (mean, 95% CI band)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = _curves(ax, records, "_stage_accuracy")
-    _finish(ax, "tasks learned i", "stage accuracy A_i (%)", "Stage accuracy (mean, 95% CI band over seeds)", drawn)
+    _finish(ax, "tasks learned i", ylabel, title, _curves(ax, records, key))
     return _save_figure(fig, path)
+
+
+def plot_stage_curves(records: Sequence[Mapping[str, Any]], path: Path) -> bytes:
+    """Stage accuracy A_i against tasks learned, per group (mean, 95% CI band)."""
+    return _curve_figure(records, "_stage_accuracy", "stage accuracy A_i (%)",
+                         "Stage accuracy (mean, 95% CI band over seeds)", path)
 
 
 def plot_forgetting_curves(records: Sequence[Mapping[str, Any]], path: Path) -> bytes:
     """Average forgetting F after each stage (PILOT definition, metrics.md §4), per group (mean, 95% CI band)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = _curves(ax, records, "_forgetting_curve")
-    _finish(ax, "tasks learned i", "average forgetting F_i (%)", "Forgetting (mean, 95% CI band over seeds)", drawn)
-    return _save_figure(fig, path)
+    return _curve_figure(records, "_forgetting_curve", "average forgetting F_i (%)",
+                         "Forgetting (mean, 95% CI band over seeds)", path)
 
 
 def plot_final_per_task(records: Sequence[Mapping[str, Any]], path: Path) -> bytes:

@@ -41,8 +41,8 @@ from cl.adapters import AttnAdapterConfig, KvLoraConfig, PrefixConfig, adapter_n
 from cl.adapters.base import AdapterConfig
 from cl.adapters.inject import block_of
 from cl.config import StrategyConfig
+from cl.context import derive_seed
 from cl.heads import TaskHeads
-from cl.loop import derive_seed
 from cl.mixture import Route
 from cl.model import CLModel
 from cl.strategy import Strategy, register_strategy

@@ -40,8 +40,8 @@ from cl.adapters.inject import block_of
 from cl.adapters.lora import DEFAULT_LORA_TARGETS
 from cl.adapters.skills import SkillInventoryAdapter, SkillsConfig
 from cl.config import StrategyConfig
+from cl.context import derive_seed
 from cl.heads import TaskHeads
-from cl.loop import derive_seed
 from cl.mixture import Route
 from cl.model import CLModel
 from cl.strategy import Strategy, register_strategy

@@ -31,7 +31,7 @@ evaluation, the mean softmax weight of every adapter at every expandable block o
 (gathered from the routers' own forward during that evaluation, no second pass).
 
 Frozen computation (performance only, ``train.cache: auto``; exact with deterministic training inputs, i.e.
-``stream.augment: none``; see ``cl/cache.py``): after task 1 blocks before the first expandable one never change,
+``stream.augment: none``; see ``cl/cache/``): after task 1 blocks before the first expandable one never change,
 so the loop computes their output once per task for detection and every training round (a round at block b declares
 ``Phase.trainable_from = b``; a head-only phase ``len(blocks)``) and once per run for the test sets
 (``frozen_prefix``). The RD phase trains the descriptors on their inputs (token means of the block inputs), computed
@@ -213,7 +213,7 @@ class SemaStrategy(Strategy):
                              f" (e.g. expandable_blocks: {list(range(max(0, n_blocks - 3), n_blocks))})")
         if cfg.prefix_cache:
             log.warning("strategy.prefix_cache is deprecated and has no effect: use train.cache: auto (the loop's "
-                        "frozen-computation cache, cl/cache.py)")
+                        "frozen-computation cache, cl/cache/)")
         d, device = model.spec.num_features, self.ctx.device
         model.attach("bottleneck", self._adapter_cfg(None), BASE)
         model.set_route(Route.select(BASE))
@@ -317,7 +317,7 @@ class SemaStrategy(Strategy):
             self._detecting = False
         return None
 
-    # --- frozen computation (cl/cache.py) ----------------------------------------------------------------------------
+    # --- frozen computation (cl/cache/) ----------------------------------------------------------------------------
     def frozen_prefix(self, model: CLModel) -> int:
         """After task 1, blocks before the first expandable one never change (section 4, prefix caching)."""
         return self.cfg.expandable_blocks[0] if self._base_done else 0

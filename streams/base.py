@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +31,7 @@ __all__ = [
     "FileSource",
     "ImageDataset",
     "assemble_stream",
+    "read_label_list",
     "per_class_subset",
     "MissingDatasetError",
     "StreamSpec",
@@ -218,6 +220,37 @@ class StreamSpec:
 
     config_cls: type[StreamConfig]
     build: Callable[[StreamConfig, int], Stream]
+
+
+
+def read_label_list(list_file: Path, base: Path,
+                    line_format: str = "<path> <label>") -> tuple[list[str], list[int], dict[int, str]]:
+    """Parse a split list of ``<relative path> <label>`` lines (L2P / LAE / PILOT style; blank lines skipped).
+
+    Returns:
+        The paths (resolved against ``base``), their labels, and label -> class name (the path's parent folder).
+
+    Raises:
+        ValueError: ``<file>:<line>: ...`` for a line that is not two fields ending in a non-negative integer label
+            (``line_format`` names the expected form), or a label that names two different class folders.
+    """
+    paths: list[str] = []
+    labels: list[int] = []
+    names: dict[int, str] = {}
+    with open(list_file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ValueError(f"{list_file}:{n}: expected '{line_format}', got {line.strip()!r}")
+            rel, label = parts[0], int(parts[1])
+            cls = Path(rel).parent.name
+            if names.setdefault(label, cls) != cls:
+                raise ValueError(f"{list_file}:{n}: label {label} names both {names[label]} and {cls}")
+            paths.append(str(base / rel))
+            labels.append(label)
+    return paths, labels, names
 
 
 def register_stream(name: str, config_cls: type[StreamConfig] = StreamConfig) -> Callable:

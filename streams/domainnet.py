@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Literal
 
 from cl.types import Stream
-from streams.base import FileSource, MissingDatasetError, StreamConfig, assemble_stream, register_stream
+from streams.base import (
+    FileSource,
+    MissingDatasetError,
+    StreamConfig,
+    assemble_stream,
+    read_label_list,
+    register_stream,
+)
 
 __all__ = ["DomainNetConfig", "DOMAINS", "build_domainnet", "find_domainnet"]
 
@@ -97,28 +104,6 @@ def _random_split(cfg: DomainNetConfig, base: Path) -> tuple[list[str], list[int
     return tr_x, tr_y, te_x, te_y, classes
 
 
-def _read_list(path: Path, base: Path) -> tuple[list[str], list[int], dict[int, str]]:
-    if not path.is_file():
-        raise MissingDatasetError(f"domainnet: split list {path} not found (stream.split=lists); {_HOW}")
-    paths: list[str] = []
-    labels: list[int] = []
-    names: dict[int, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise ValueError(f"{path}:{n}: expected '<domain>/<class>/<file> <label>', got {line.strip()!r}")
-            rel, label = parts[0], int(parts[1])
-            cls = Path(rel).parent.name
-            if names.setdefault(label, cls) != cls:
-                raise ValueError(f"{path}:{n}: label {label} names both {names[label]} and {cls}")
-            paths.append(str(base / rel))
-            labels.append(label)
-    return paths, labels, names
-
-
 def _list_split(cfg: DomainNetConfig, base: Path) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
     tr_x: list[str] = []
     tr_y: list[int] = []
@@ -127,7 +112,10 @@ def _list_split(cfg: DomainNetConfig, base: Path) -> tuple[list[str], list[int],
     names: dict[int, str] = {}
     for domain in cfg.domains:
         for split, xs, ys in (("train", tr_x, tr_y), ("test", te_x, te_y)):
-            p, lab, nm = _read_list(base / f"{domain}_{split}.txt", base)
+            path = base / f"{domain}_{split}.txt"
+            if not path.is_file():
+                raise MissingDatasetError(f"domainnet: split list {path} not found (stream.split=lists); {_HOW}")
+            p, lab, nm = read_label_list(path, base, "<domain>/<class>/<file> <label>")
             for k, v in nm.items():
                 if names.setdefault(k, v) != v:
                     raise ValueError(f"domainnet: label {k} is {names[k]} in one list and {v} in {domain}_{split}.txt")

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cl.types import Stream
-from streams.base import FileSource, MissingDatasetError, StreamConfig, assemble_stream, register_stream
+from streams.base import (
+    FileSource,
+    MissingDatasetError,
+    StreamConfig,
+    assemble_stream,
+    read_label_list,
+    register_stream,
+)
 from streams.image_folder import build_folder_stream
 
 __all__ = ["FolderDataset", "FOLDER_DATASETS", "find_dataset_dir", "build_imagenet_r"]
@@ -115,27 +122,6 @@ for _name in ("imagenet_a", "cub", "objectnet", "omnibenchmark", "vtab"):
 _LISTS = ("train_list.txt", "val_list.txt")
 
 
-def _read_list(list_file: Path, base: Path) -> tuple[list[str], list[int], dict[int, str]]:
-    """Parse ``<relative path> <label>`` lines; paths resolve against ``base``; returns paths, labels, label->wnid."""
-    paths: list[str] = []
-    labels: list[int] = []
-    names: dict[int, str] = {}
-    with open(list_file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{list_file}:{n}: expected '<path> <label>', got {line.strip()!r}")
-            rel, label = parts[0], int(parts[1])
-            wnid = Path(rel).parent.name
-            if names.setdefault(label, wnid) != wnid:
-                raise ValueError(f"{list_file}:{n}: label {label} names both {names[label]} and {wnid}")
-            paths.append(str(base / rel))
-            labels.append(label)
-    return paths, labels, names
-
-
 def _find_lists(root: Path) -> tuple[Path, Path] | None:
     """The folder holding both list files and the folder their paths are relative to (the parent of imagenet-r/)."""
     candidates = (root, root / "imagenet-r") + ((root.parent,) if root.name == "imagenet-r" else ())
@@ -147,8 +133,8 @@ def _find_lists(root: Path) -> tuple[Path, Path] | None:
 
 
 def _build_from_lists(cfg: StreamConfig, image_size: int, lists_dir: Path, base: Path, expected: int) -> Stream:
-    tr_paths, tr_labels, tr_names = _read_list(lists_dir / _LISTS[0], base)
-    te_paths, te_labels, te_names = _read_list(lists_dir / _LISTS[1], base)
+    tr_paths, tr_labels, tr_names = read_label_list(lists_dir / _LISTS[0], base)
+    te_paths, te_labels, te_names = read_label_list(lists_dir / _LISTS[1], base)
     names = {**te_names, **tr_names}
     if sorted(names) != list(range(expected)):
         raise ValueError(f"{cfg.name}: {lists_dir}/{_LISTS[0]} and {_LISTS[1]} use labels other than 0..{expected - 1}")

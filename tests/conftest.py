@@ -68,3 +68,28 @@ def smoke_config(tmp_path):
         return load_config(SMOKE, [f"out={tmp_path / 'runs'}", *overrides])
 
     return make
+
+
+@pytest.fixture
+def interrupt_run(monkeypatch):
+    """``interrupt_run(cfg, at_task, **run_kwargs)``: ``cl.loop.run(cfg)`` killed (``KeyboardInterrupt``) in the
+    evaluation after task ``at_task``, i.e. after the checkpoint of task ``at_task - 1`` and before that of
+    ``at_task``; the loop is restored afterwards, so the test can resume the run (``run(cfg, resume=True)``)."""
+    from cl import loop
+
+    def interrupt(cfg, at_task: int, **run_kwargs) -> None:
+        real_eval = loop._evaluate
+
+        def dying_eval(model, strategy, stream, upto, ctx, future):
+            if upto == at_task:
+                raise KeyboardInterrupt
+            return real_eval(model, strategy, stream, upto, ctx, future)
+
+        monkeypatch.setattr(loop, "_evaluate", dying_eval)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                loop.run(cfg, **run_kwargs)
+        finally:
+            monkeypatch.setattr(loop, "_evaluate", real_eval)
+
+    return interrupt

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cl.backbone import BackboneConfig, BackboneError, create_backbone
+from cl.backbone import BackboneConfig, BackboneError, adopt_backbone, create_backbone
 
 
 def test_backbone_frozen_eval_and_resized():
@@ -19,6 +19,22 @@ def test_backbone_frozen_eval_and_resized():
     assert not model.training
     assert spec.img_size == 48 and spec.num_features == 64 and spec.num_blocks == 6
     assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 64)
+
+
+def test_adopted_backbone_gets_the_spec_create_backbone_gives():
+    """``adopt_backbone`` (the Avalanche bridge's ``model=``) and ``create_backbone`` share one freeze + spec path."""
+    import timm
+
+    _, created = create_backbone(BackboneConfig(name="test_vit", img_size=48))
+    given = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=48)
+    model, spec = adopt_backbone(given, BackboneConfig(name="ignored"))
+    assert model is given and model.num_classes == 0 and not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert spec == created
+    _, raw = adopt_backbone(given, BackboneConfig(normalize=False))
+    assert (raw.mean, raw.std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    with pytest.raises(BackboneError, match="VisionTransformer"):
+        adopt_backbone(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

@@ -1,4 +1,4 @@
-"""The loop-level frozen-computation cache (cl/cache.py): exactness, spilling, fallbacks, declarations, bf16."""
+"""The loop-level frozen-computation cache (cl/cache/): exactness, spilling, fallbacks, declarations, bf16."""
 
 from __future__ import annotations
 

@@ -169,6 +169,9 @@ def test_imagenet_r_bad_list_line(tmp_path):
     (tmp_path / "val_list.txt").write_text("")
     with pytest.raises(ValueError, match="expected '<path> <label>'"):
         _build("imagenet_r", root=str(tmp_path))
+    (tmp_path / "train_list.txt").write_text("imagenet-r/n1/a.jpg -1\n")  # labels are non-negative integers
+    with pytest.raises(ValueError, match=r"train_list.txt:1: expected '<path> <label>'"):
+        _build("imagenet_r", root=str(tmp_path))
 
 
 # ---------------------------------------------------------------- CIFAR-100

@@ -163,21 +163,11 @@ def test_predict_is_max_of_the_two_experts_and_switches(smoke_config):
             assert torch.allclose(strat.predict(model, x).logits, z[name].softmax(-1), atol=1e-6)
 
 
-def test_interrupted_lae_run_resumes_to_the_same_result(smoke_config, tmp_path, monkeypatch):
+def test_interrupted_lae_run_resumes_to_the_same_result(smoke_config, tmp_path, interrupt_run):
     fast = ["strategy.pet=prefix", "strategy.epochs=1", "strategy.num_freeze_epochs=0"]
     full = loop.run(_cfg(smoke_config, f"out={tmp_path}/full", *fast), figures=lambda r, d: [])
     cfg = _cfg(smoke_config, f"out={tmp_path}/cut", *fast)
-    real_eval = loop._evaluate
-
-    def dying_eval(model, strategy, stream, upto, ctx, future):
-        if upto == 2:
-            raise KeyboardInterrupt
-        return real_eval(model, strategy, stream, upto, ctx, future)
-
-    monkeypatch.setattr(loop, "_evaluate", dying_eval)
-    with pytest.raises(KeyboardInterrupt):
-        loop.run(cfg, figures=lambda r, d: [])
-    monkeypatch.setattr(loop, "_evaluate", real_eval)
+    interrupt_run(cfg, 2, figures=lambda r, d: [])
     resumed = loop.run(cfg, resume=True, figures=lambda r, d: [])
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["extra_accuracy_matrices"] == full["extra_accuracy_matrices"]

@@ -398,23 +398,13 @@ def test_heads_must_divide_every_site_before_any_mutation(tiny_model, smoke_conf
         smoke_config("strategy.name=mhr", "strategy.expand_policy=sometimes")
 
 
-def test_interrupted_run_resumes_with_grown_inventory(smoke_config, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_with_grown_inventory(smoke_config, tmp_path, interrupt_run):
     """Checkpoints carry the inventory's growth (skill groups, rows) and the z-score descriptors."""
     sets = ["strategy.name=mhr", *SMOKE, "strategy.expand_policy=zscore", "strategy.zscore_threshold=0.0",
             "stream.train_images_per_class=8", "stream.test_images_per_class=4"]
     full = loop.run(smoke_config(*sets, f"out={tmp_path}/full"), figures=lambda r, d: [])
     cfg = smoke_config(*sets, f"out={tmp_path}/cut")
-    real_eval = loop._evaluate
-
-    def dying_eval(model, strategy, stream, upto, ctx, future):
-        if upto == 2:
-            raise KeyboardInterrupt
-        return real_eval(model, strategy, stream, upto, ctx, future)
-
-    monkeypatch.setattr(loop, "_evaluate", dying_eval)
-    with pytest.raises(KeyboardInterrupt):
-        loop.run(cfg, figures=lambda r, d: [])
-    monkeypatch.setattr(loop, "_evaluate", real_eval)
+    interrupt_run(cfg, 2, figures=lambda r, d: [])
     resumed = loop.run(cfg, resume=True, figures=lambda r, d: [])
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["task_retrieval"] == full["task_retrieval"]

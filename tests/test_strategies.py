@@ -66,22 +66,12 @@ def test_baselines_order_forgetting(smoke_config, tmp_path):
     assert res["finetune"]["a_last"] < res["simplecil"]["a_last"]
 
 
-def test_interrupted_run_resumes_to_the_same_result(smoke_config, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_result(smoke_config, tmp_path, interrupt_run):
     full = loop.run(smoke_config("strategy.name=finetune", f"out={tmp_path}/full"))
     cfg = smoke_config("strategy.name=finetune", f"out={tmp_path}/cut")
-    real_eval = loop._evaluate
-
-    def dying_eval(model, strategy, stream, upto, ctx, future):
-        if upto == 2:
-            raise KeyboardInterrupt
-        return real_eval(model, strategy, stream, upto, ctx, future)
-
-    monkeypatch.setattr(loop, "_evaluate", dying_eval)
-    with pytest.raises(KeyboardInterrupt):
-        loop.run(cfg)
+    interrupt_run(cfg, 2)
     run_dir = loop.run_dir_of(cfg)
     assert not (run_dir / "result.json").exists() and (run_dir / "checkpoint" / "task_001" / "manifest.json").exists()
-    monkeypatch.setattr(loop, "_evaluate", real_eval)
     resumed = loop.run(cfg, resume=True)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert resumed["metrics"] == full["metrics"]

@@ -203,7 +203,7 @@ def test_file_source_decodes_through_the_same_rules(tmp_path):
     assert torch.equal(src.load(0), to_chw_image(torch.full((4, 5), 131, dtype=torch.uint8)))
 
 
-def test_augmented_run_is_the_same_with_workers_and_after_resume(smoke_config, tmp_path, monkeypatch):
+def test_augmented_run_is_the_same_with_workers_and_after_resume(smoke_config, tmp_path, interrupt_run):
     """RandomResizedCrop + flip in the loop: 0 or 2 DataLoader workers and an interrupted-then-resumed run all give
     the full run's result (augmentation is seeded per run, task, phase, epoch and sample)."""
     from cl import loop
@@ -216,16 +216,6 @@ def test_augmented_run_is_the_same_with_workers_and_after_resume(smoke_config, t
     assert workers["accuracy_matrix"] == full["accuracy_matrix"]
 
     cfg = smoke_config(*base, f"out={tmp_path}/cut")
-    real_eval = loop._evaluate
-
-    def dying_eval(model, strategy, stream, upto, ctx, future):
-        if upto == 1:
-            raise KeyboardInterrupt
-        return real_eval(model, strategy, stream, upto, ctx, future)
-
-    monkeypatch.setattr(loop, "_evaluate", dying_eval)
-    with pytest.raises(KeyboardInterrupt):
-        loop.run(cfg, **no_figures)
-    monkeypatch.setattr(loop, "_evaluate", real_eval)
+    interrupt_run(cfg, 1, **no_figures)
     resumed = loop.run(cfg, resume=True, **no_figures)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]

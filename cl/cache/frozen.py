@@ -1,47 +1,5 @@
-"""Loop-level cache of frozen computation: tokens entering a block, derived inputs, per-test-sample rows.
-
-A run on a frozen ViT spends most of its time recomputing outputs that cannot have changed: the blocks before the
-first trainable one, for every epoch, phase, detection pass and evaluation. Strategies *declare* what is frozen; this
-module (driven by ``cl.loop``) *decides* whether reusing it is exact, computes it once, stores it, and proves on every
-reuse that it is still valid.
-
-What is cached when (``train.cache: auto``):
-
-- **phase inputs** -- a :class:`~cl.types.Phase` declares ``trainable_from = k``: the first block whose computation can
-  change during the phase (``len(blocks)`` when none can, e.g. a head-only phase). If ``k > 0``, the phase's data is
-  a deterministic view (``ViewableDataset.deterministic``: no random augmentation) and the prefix is a pure function
-  of the image (no active dropout, no per-batch route, no undeclared hook before block k), the tokens entering block
-  k, ``(N, T, d)`` (at ``k = len(blocks)`` the pooled features ``(N, d)``), are computed once per task and fed to
-  every epoch. Later phases and detection passes over the same data reuse them; tokens at a later block are derived
-  from the nearest earlier cached block, so each frozen block runs at most once per image and task.
-- **derived inputs** (:meth:`FrozenCache.derived`) -- any function of the images that stays fixed during a phase (SEMA's
-  representation-descriptor inputs), computed once, from cached tokens when there are some.
-- **evaluation inputs** -- ``Strategy.frozen_prefix(model) = k``: blocks ``< k`` of the prediction path will not
-  change again; the test-set tokens entering block k are computed at the first evaluation and reused by all later
-  ones (test sets are evaluated once per task: without the cache task j's images pass the prefix T - j times).
-- **per-sample rows** (:meth:`FrozenCache.rows`) -- a strategy's own per-test-image quantity (MOS's adapter-0 features
-  for its prototype classifier), guarded by a fingerprint of the tensors the strategy names.
-
-Safety: an entry stores a :class:`Fingerprint` (names, shapes, float64 sums and norms of every parameter and buffer
-the cached value depends on, plus the routes and adapter names of those sites) taken when it is filled. It is checked
-when the entry is reused (a stale entry is recomputed, logged) and after every epoch of a phase that uses it: a prefix
-that changed *during* the phase means its ``trainable_from`` was declared wrongly and raises ``RuntimeError``, so a
-wrong declaration cannot silently give wrong results. Phase parameters inside the declared prefix raise at once.
-
-Exactness: values are computed by the same modules in the same order as the uncached forward, but in other batches
-(``train.eval_batch_size`` rows, in order, instead of shuffled training batches). In float32 the cached run is
-bit-identical wherever the backend's per-row results do not depend on the batch (true for CPU PyTorch at equal batch
-sizes whatever the rows, tested in ``tests/test_cache.py``); a BLAS may pick another kernel for another batch size,
-which gave 1-ulp differences in SEMA's logged RD statistics. Stated tolerance, tested: metrics identical, model
-tensors and logged statistics within 1e-5 relative. ``train.cache_dtype: bfloat16`` / ``float16`` halve the memory
-and round each cached value once (relative error <= 2^-8 / 2^-11; float16 overflows above 65504).
-
-Storage: RAM up to ``train.cache_mb``; an entry that does not fit goes to a memory-mapped file in ``train.cache_dir``
-(default: the run folder, else the system temp dir), unlinked as soon as it is mapped, so nothing is left on disk even
-after a crash. Memory per image for tokens entering a block: ``T * d * bytes`` with ``T`` = patches + prefix tokens
-(ViT-B/16 at 224 px: 197 * 768 * 4 B = 605 KB; DINOv2-S/14 at 56 px: 17 * 384 * 4 B = 26 KB); pooled features and
-descriptor inputs: ``d * bytes`` per vector.
-"""
+"""The cache policy: :class:`FrozenCache` decides what to compute once, fills, validates and releases entries
+(rules: :mod:`cl.cache`)."""
 
 from __future__ import annotations
 
@@ -50,219 +8,31 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
+from cl.cache.prefix import Fingerprint, _prefix_state, is_deterministic, prefix_fingerprint, prefix_problems
+from cl.cache.store import CachedInputs, _Entry, _RowMemo, _Store
+
 if TYPE_CHECKING:
-    from cl.adapters.inject import AdaptedSite
-    from cl.loop import RunContext
+    from cl.context import RunContext
     from cl.model import CLModel
     from cl.types import Phase
 
-__all__ = [
-    "CacheDtype",
-    "CachedInputs",
-    "FrozenCache",
-    "Fingerprint",
-    "fingerprint",
-    "prefix_fingerprint",
-    "prefix_problems",
-    "declared_hook",
-    "is_deterministic",
-]
+__all__ = ["CacheDtype", "FrozenCache"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cl.cache")  # the package's logger name (users filter on it)
 
 CacheDtype = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DISK_MARGIN = 512 * 2**20  # bytes left free on the spill disk
-_DECLARED = "__clsim_cache_declared__"
-
-
-def declared_hook(hook: Any) -> Any:
-    """Mark a forward (pre-)hook whose effects its strategy accounts for in ``Phase.trainable_from`` and
-    ``Strategy.frozen_prefix``; the cache refuses prefixes holding any *other* hook (it could observe the skipped
-    computation). Returns ``hook`` (a function or ``functools.partial``)."""
-    setattr(hook, _DECLARED, True)
-    return hook
-
-
-def is_deterministic(data: Dataset) -> bool:
-    """``ViewableDataset.deterministic``; a ``ConcatDataset`` is deterministic when all its parts are."""
-    if isinstance(data, ConcatDataset):
-        return all(is_deterministic(d) for d in data.datasets)
-    return bool(getattr(data, "deterministic", False))
-
-
-# --- what a prefix depends on ------------------------------------------------------------------------------------
-def _prefix_state(model: CLModel, block: int) -> tuple[list[tuple[str, Tensor]], tuple, list[AdaptedSite]]:
-    """Named tensors, route structure and sites of everything the tokens entering ``block`` depend on.
-
-    ``block >= len(blocks)`` means the pooled features (final norm and pooling included).
-    """
-    from cl.adapters.inject import block_of
-
-    n = len(model.backbone.blocks)
-    full = block >= n
-    late = tuple(f"blocks.{i}." for i in range(block, n)) + (() if full else ("norm.", "fc_norm.", "head.",
-                                                                               "attn_pool."))
-    named = [(f"backbone.{k}", t) for k, t in [*model.backbone.named_parameters(), *model.backbone.named_buffers()]
-             if not k.startswith(late)]
-    named += [("mean", model.mean), ("std", model.std)]
-    structure: list[Any] = [("block", min(block, n))]
-    sites = []
-    for key, site in model.sites.items():
-        if not full and block_of(site.target) >= block:
-            continue
-        sites.append(site)
-        route = site.route
-        structure.append((key, route.kind, route.names, route.index is None, route.weights is None,
-                          tuple(site.adapters.keys()), tuple(sorted(site.merged))))
-        named += [(f"sites.{key}.{k}", t) for k, t in [*site.named_parameters(), *site.named_buffers()]]
-    return named, tuple(structure), sites
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What a cached value was computed from: names/shapes/structure and per-tensor float64 (sum, L2 norm)."""
-
-    structure: tuple
-    values: Tensor  # (n, 2) float64 on CPU
-
-    def matches(self, other: Fingerprint) -> bool:
-        return self.structure == other.structure and torch.equal(self.values, other.values)
-
-
-@torch.no_grad()
-def fingerprint(named: Iterable[tuple[str, Tensor]], structure: tuple = ()) -> Fingerprint:
-    """Fingerprint of named tensors (one reduction pair per tensor: called per epoch or evaluation, not per step)."""
-    items = list(named)
-    stats = [torch.stack([t.detach().sum(dtype=torch.float64), torch.linalg.vector_norm(t.detach(),
-                                                                                        dtype=torch.float64)])
-             if t.is_floating_point() else t.detach().double().sum().repeat(2) for _, t in items]
-    meta = tuple((k, tuple(t.shape), str(t.dtype)) for k, t in items)
-    values = torch.stack(stats).cpu() if stats else torch.zeros(0, 2, dtype=torch.float64)
-    return Fingerprint((structure, meta), values)
-
-
-def prefix_fingerprint(model: CLModel, block: int) -> Fingerprint:
-    """Fingerprint of the embedding, blocks ``< block`` and their sites (routes included)."""
-    named, structure, _ = _prefix_state(model, block)
-    return fingerprint(named, structure)
-
-
-def prefix_problems(model: CLModel, block: int, training: bool) -> str | None:
-    """Why the tokens entering ``block`` may not be a fixed function of the image (``None`` = they are).
-
-    Checks: per-batch routes (``per_sample`` / given ``weights``), active dropout or drop-path in the prefix's
-    adapters when ``training``, and forward hooks on prefix modules other than adapter sites' own and
-    :func:`declared_hook` ones.
-    """
-    from cl.adapters.inject import AdaptedSite
-
-    _, _, sites = _prefix_state(model, block)
-    for site in sites:
-        if site.route.index is not None or site.route.weights is not None:
-            return f"per-batch route at {site.target}"
-        if training:
-            for m in site.modules():
-                p = getattr(m, "p", None) if isinstance(m, nn.Dropout) else getattr(m, "drop_prob", None)
-                if p:
-                    return f"active dropout in the adapters at {site.target}"
-    bb = model.backbone
-    n = len(bb.blocks)
-    mods: list[nn.Module] = [bb.patch_embed, bb.norm_pre, *bb.blocks[: min(block, n)]]
-    if block >= n:
-        mods += [m for m in (bb.norm, getattr(bb, "fc_norm", None), getattr(bb, "attn_pool", None)) if m is not None]
-    for top in mods:
-        for m in top.modules():
-            for hook in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]:
-                owner = getattr(getattr(hook, "func", hook), "__self__", None)
-                if not isinstance(owner, AdaptedSite) and not getattr(hook, _DECLARED, False):
-                    return f"undeclared forward hook {getattr(hook, '__qualname__', hook)!r} in the frozen prefix"
-    return None
-
-
-# --- storage -----------------------------------------------------------------------------------------------------
-class _Store:
-    """``(N, *shape)`` values in RAM or in an unlinked memory-mapped file; reads return float32."""
-
-    def __init__(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, spill: Path | None) -> None:
-        self.path: Path | None = None
-        if spill is None:
-            self.data = torch.empty((n, *shape), dtype=dtype)
-        else:
-            spill.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix="clsim-cache-", suffix=".bin", dir=spill)
-            import os
-
-            os.close(fd)
-            np_dtype = np.float32 if dtype == torch.float32 else np.int16
-            mm = np.memmap(name, dtype=np_dtype, mode="w+", shape=(n, *shape))
-            data = torch.from_numpy(mm)
-            self.data = data if dtype == torch.float32 else data.view(dtype)
-            try:  # the mapping stays valid; the disk space is freed when it is released, even after a crash
-                Path(name).unlink()
-            except OSError:  # Windows: removed in release()
-                self.path = Path(name)
-        self.on_disk = spill is not None
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
-    def write(self, start: int, values: Tensor) -> None:
-        self.data[start : start + len(values)] = values.detach().to("cpu", self.data.dtype)
-
-    def release(self) -> None:
-        self.data = torch.empty(0)
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
-
-class CachedInputs(Dataset):
-    """``(cached value i (float32), label i)``: what a phase, a detection pass or an evaluation iterates instead of
-    images. ``block`` is the block the values enter (``len(blocks)`` = pooled features; ``None`` for derived
-    inputs)."""
-
-    deterministic = True
-
-    def __init__(self, store: _Store, labels: Tensor, block: int | None, entry: _Entry | None = None) -> None:
-        self.store, self.labels, self.block, self.entry = store, labels, block, entry
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.store.data[i].float(), int(self.labels[i])
-
-
-@dataclass
-class _Entry:
-    dataset: Any  # keeps the dataset alive, so its id() stays unique while the entry exists
-    key: tuple
-    store: _Store
-    labels: Tensor
-    guard_block: int
-    fp: Fingerprint
-    scope: Literal["task", "run"]
-    hits: int = 0
-
-    def view(self, block: int | None) -> CachedInputs:
-        return CachedInputs(self.store, self.labels, block, self)
-
-
-@dataclass
-class _RowMemo:
-    filled: Tensor  # (N,) bool
-    values: Tensor | None = None  # (N, ...) once the first rows arrive
 
 
 @dataclass
@@ -393,20 +163,8 @@ class FrozenCache:
         (logged) when the cache is off or reuse would not be exact."""
         if not self.enabled or block <= 0:
             return None
-        if not is_deterministic(data):
-            self.fallback(purpose, "the data is not deterministic (random augmentation)")
-            return None
-        problem = prefix_problems(model, block, training)
-        if problem is not None:
-            self.fallback(purpose, f"trainable prefix: {problem}")
-            return None
-        key = (id(data), "tokens", block)
-        fp = prefix_fingerprint(model, block)
-        entry = self._valid(key, fp, purpose)
-        if entry is None:
-            source = self._best_source(data, block, model)
-            entry = self._fill(model, data, key, block, fp, scope, purpose, source,
-                               lambda x, src: self._tokens(model, x, src, block))
+        entry = self._entry(model, data, (id(data), "tokens", block), block, purpose, training, scope,
+                            lambda x, src: self._tokens(model, x, src, block))
         return entry.view(block) if entry is not None else None
 
     def derived(self, model: CLModel, data: Dataset, name: str, fn: Callable[[Tensor], Tensor], guard_block: int,
@@ -416,6 +174,19 @@ class FrozenCache:
         ``model.run_blocks`` under the model's input block (:meth:`CLModel.input_at`)."""
         if not self.enabled:
             return None
+
+        def compute(x: Tensor, src: int) -> Tensor:
+            with model.input_at(src):
+                return fn(x)
+
+        entry = self._entry(model, data, (id(data), "derived", name), guard_block, purpose, training, "task", compute)
+        return entry.view(None) if entry is not None else None
+
+    def _entry(self, model: CLModel, data: Dataset, key: tuple, guard_block: int, purpose: str, training: bool,
+               scope: Literal["task", "run"], compute: Callable[[Tensor, int], Tensor]) -> _Entry | None:
+        """The valid entry ``key`` of ``data`` (filled now when missing or stale; ``compute(x, src_block)`` maps a
+        batch of images or source tokens to its values), or ``None`` (logged) when reuse would not be exact: random
+        augmentation, or a prefix before ``guard_block`` that is not a fixed function of the image."""
         if not is_deterministic(data):
             self.fallback(purpose, "the data is not deterministic (random augmentation)")
             return None
@@ -423,18 +194,12 @@ class FrozenCache:
         if problem is not None:
             self.fallback(purpose, f"trainable prefix: {problem}")
             return None
-        key = (id(data), "derived", name)
         fp = prefix_fingerprint(model, guard_block)
         entry = self._valid(key, fp, purpose)
         if entry is None:
             source = self._best_source(data, guard_block, model)
-
-            def compute(x: Tensor, src: int) -> Tensor:
-                with model.input_at(src):
-                    return fn(x)
-
-            entry = self._fill(model, data, key, guard_block, fp, "task", purpose, source, compute)
-        return entry.view(None) if entry is not None else None
+            entry = self._fill(model, data, key, guard_block, fp, scope, purpose, source, compute)
+        return entry
 
     def _valid(self, key: tuple, fp: Fingerprint, purpose: str) -> _Entry | None:
         entry = self._entries.get(key)
