@@ -170,3 +170,17 @@ def test_local_sweep_skips_done_runs_resumes_partial_ones_and_reports_failures(t
     assert failed.failed[0].error == "RuntimeError: boom" and failed.report is not None
     assert "RuntimeError: boom" in failed.report.read_text() and str(changed.runs[1].run_dir / "run.log") in \
         failed.report.read_text()
+
+
+def test_sensitivity_grid_uses_the_quickstart_settings():
+    """The sensitivity grid shares the quickstart's run folders (same base): every strategy must carry the quickstart
+    sweep's overrides (minus its own grid keys), or its seed-0 run would overwrite the quickstart's."""
+    quick = load_sweep(ROOT / "configs" / "quickstart_sweep.yaml")
+    grid = load_sweep(ROOT / "configs" / "sensitivity_fashion_mnist.yaml")
+    assert set(grid.strategies) == set(quick.strategies) == set(STRATEGIES.names())
+    for name, entry in grid.strategies.items():
+        mine = {k: v for k, v in entry.overrides.items() if k not in entry.grid}
+        theirs = {k: v for k, v in quick.strategies[name].overrides.items() if k not in entry.grid}
+        assert mine == theirs, name
+    plan = build_plan(grid)
+    assert len(plan.runs) == 3 * (len(STRATEGIES.names()) - 1) + 27
