@@ -132,6 +132,10 @@ def whole_runs(args: argparse.Namespace, out: Path) -> None:
     print(f"\n1. Whole runs, train.cache auto vs off ({base}{', 5 tasks' if args.quick else ''}; {args.repeats} "
           f"interleaved repeat(s); wall-clock seconds, and exclusive CPU seconds per part)")
     print(f"   {'run':22s} {'off s':>8s} {'auto s':>8s} {'off/auto':>8s}  identical  CPU s per part, off -> auto")
+    from cl.registries import STRATEGIES
+
+    sweep_total = {"off": 0.0, "auto": 0.0}  # the registered strategies' runs: the quickstart sweep as a whole
+    in_sweep = 0
     for name in names:
         over = list(table[name])
         if not any(o.startswith("strategy.name=") for o in over):
@@ -167,6 +171,13 @@ def whole_runs(args: argparse.Namespace, out: Path) -> None:
               f"{', '.join(parts)}")
         print(f"   {'':22s} CPU s {cpu_off:.1f} -> {cpu_auto:.1f} ({cpu_off / cpu_auto:.2f}x); A_last "
               f"{a['metrics'].get('a_last'):.2f} / {b['metrics'].get('a_last'):.2f}")
+        if not args.quick and name in STRATEGIES:
+            sweep_total["off"] += off_s
+            sweep_total["auto"] += auto_s
+            in_sweep += 1
+    if in_sweep == len(STRATEGIES.names()):
+        print(f"   {'quickstart sweep':22s} {sweep_total['off']:8.1f} {sweep_total['auto']:8.1f} "
+              f"{sweep_total['off'] / sweep_total['auto']:7.2f}x  (all {in_sweep} registered strategies, summed)")
 
 
 # --- 2. inference cost as tasks grow ----------------------------------------------------------------------------------

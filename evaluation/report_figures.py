@@ -8,6 +8,7 @@ has at least two seeds.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,34 +126,68 @@ def _group_series(records: Sequence[Mapping[str, Any]], key: str) -> dict[str, n
     return {label: _stack(series) for label, series in groups.items()}
 
 
+MARKERS = "osD^vP*Xph<>"
+
+
+def group_styles(n: int) -> list[dict[str, Any]]:
+    """``n`` distinct (colour, marker) pairs: tab10 colours up to 10 groups, tab20 up to 20, then the colours
+    repeat with the next marker, so no two groups of one figure look alike."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    size = cmap.N
+    return [{"color": cmap(i % size), "marker": MARKERS[(i // size) % len(MARKERS)]} for i in range(n)]
+
+
+def short_labels(labels: Sequence[str]) -> dict[str, str]:
+    """Legend labels without the prefix all groups share (up to a ``_``, e.g. a sweep's base name ``quickstart_``),
+    grid values shown as ``key=value`` words (``sema__exp_threshold=0.5__init_lr=0.001`` -> ``sema exp_threshold=0.5
+    init_lr=0.001``)."""
+    labels = list(labels)
+    prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
+    prefix = prefix[: prefix.rfind("_") + 1]
+    out = {}
+    for label in labels:
+        short = label[len(prefix):] if len(label) > len(prefix) else label
+        out[label] = short.replace("__", " ")
+    return out
+
+
 def _curves(ax: Any, records: Sequence[Mapping[str, Any]], key: str, ref_key: str | None = None) -> bool:
     """Mean curve per group with a 95% CI band; a dashed reference curve in the same colour. False if nothing."""
     drawn = False
     refs = _group_series(records, ref_key) if ref_key else {}
-    for label, values in _group_series(records, key).items():
+    series = _group_series(records, key)
+    names = short_labels(list(series))
+    for (label, values), style in zip(series.items(), group_styles(len(series)), strict=True):
         if values.size == 0 or np.isnan(values).all():
             continue
         mean, _, ci = series_stats(values)
         x = np.arange(1, len(mean) + 1)
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{label} (n={len(values)})")
+        ax.plot(x, mean, markersize=4, label=f"{names[label]} (n={len(values)})", **style)
         if len(values) > 1:
-            ax.fill_between(x, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(x, mean - ci, mean + ci, color=style["color"], alpha=0.15, linewidth=0)
         ref = refs.get(label)
         if ref is not None and ref.size and not np.isnan(ref).all():
             ref_mean = series_stats(ref)[0]
-            ax.plot(np.arange(1, len(ref_mean) + 1), ref_mean, linestyle="--", linewidth=1, color=line.get_color())
+            ax.plot(np.arange(1, len(ref_mean) + 1), ref_mean, linestyle="--", linewidth=1, color=style["color"])
         drawn = True
     return drawn
 
 
-def _finish(ax: Any, xlabel: str, ylabel: str, title: str, drawn: bool) -> None:
+def _legend_outside(ax: Any) -> None:
+    """The legend to the right of ``ax`` (never over the curves; the figure is saved with a tight bounding box)."""
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def _finish(ax: Any, xlabel: str, ylabel: str, title: str, drawn: bool, legend: bool = True) -> None:
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize="x-small")
-    else:
+    if not drawn:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    elif legend:
+        _legend_outside(ax)
 
 
 def _curve_figure(records: Sequence[Mapping[str, Any]], key: str, ylabel: str, title: str, path: Path) -> bytes:
@@ -182,18 +217,20 @@ def plot_final_per_task(records: Sequence[Mapping[str, Any]], path: Path) -> byt
     num_tasks = max((v.shape[1] for v in groups.values()), default=0)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * num_tasks * max(len(groups), 1) ** 0.5 + 4), 4.5))
     width = 0.8 / max(len(groups), 1)
-    for k, (label, values) in enumerate(groups.items()):
+    names = short_labels(list(groups))
+    for k, ((label, values), style) in enumerate(zip(groups.items(), group_styles(len(groups)), strict=True)):
         if values.size == 0:
             continue
         mean, _, ci = series_stats(values)
         tasks = np.arange(1, len(mean) + 1)
         yerr = None if len(values) < 2 else np.nan_to_num(ci)
-        ax.bar(tasks + (k - (len(groups) - 1) / 2) * width, mean, width, yerr=yerr, capsize=2, label=label)
+        ax.bar(tasks + (k - (len(groups) - 1) / 2) * width, mean, width, yerr=yerr, capsize=2, label=names[label],
+               color=style["color"])
     ax.set_xticks(np.arange(1, num_tasks + 1))
     ax.set(xlabel="task j", ylabel="final accuracy R[T][j] (%)",
            title="Final accuracy per task (mean, 95% CI over seeds)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize="x-small")
+    _legend_outside(ax)
     return _save_figure(fig, path)
 
 
@@ -203,7 +240,8 @@ def plot_expansion(records: Sequence[Mapping[str, Any]], path: Path) -> bytes:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     drawn = _curves(left, records, "_deployed", "_reference")
-    _finish(left, "tasks learned t", "deployed adapter parameters P(t)", "Parameters (dashed: one set per task)", drawn)
+    _finish(left, "tasks learned t", "deployed adapter parameters P(t)", "Parameters (dashed: one set per task)", drawn,
+            legend=False)  # the same groups and styles as the right panel, whose legend serves both
     drawn = _curves(right, records, "_adapters", "_adapters_ref")
     _finish(right, "tasks learned t", "adapters (all sites)", "Adapters (dashed: one set per task)", drawn)
     return _save_figure(fig, path)

@@ -93,6 +93,6 @@ def test_lae_beats_finetune_and_ensemble_is_at_least_each_expert(results):
     final = {k: _final_accuracy(m[-1], n_test) for k, m in lae["extra_accuracy_matrices"].items()}
     assert final["ensemble_pred"] == pytest.approx(lae["metrics"]["a_last"])
     # never below the weaker expert; at most one point below the stronger one (measured: ensemble 47.0, online 47.3,
-    # offline 46.7 on 300 test images, i.e. one image below the online expert; see the README's LAE section)
+    # offline 46.7 on 300 test images, i.e. one image below the online expert; see docs/lae.md)
     assert final["ensemble_pred"] >= min(final["online_pred"], final["offline_pred"])
     assert final["ensemble_pred"] >= max(final["online_pred"], final["offline_pred"]) - 1.0

@@ -297,3 +297,16 @@ def test_cli_report_bad_input_is_one_line(case: str, runs_root: Path, tmp_path: 
              "other_file": a_file}[case]
     assert str(named) in err[0]
     assert a_file.read_text() == "x" and not (tmp_path / "rep").exists()
+
+
+def test_figure_groups_look_different_and_labels_drop_the_shared_prefix() -> None:
+    from evaluation.report_figures import group_styles, short_labels
+
+    for n in (3, 10, 15, 45):
+        styles = [(s["color"], s["marker"]) for s in group_styles(n)]
+        assert len(set(styles)) == n  # a sweep's 15 groups used to repeat tab10's colours
+    labels = ["quickstart_finetune", "quickstart_sema__exp_threshold=0.5__init_lr=0.001", "quickstart_mos"]
+    assert short_labels(labels) == {"quickstart_finetune": "finetune", "quickstart_mos": "mos",
+                                    labels[1]: "sema exp_threshold=0.5 init_lr=0.001"}
+    assert short_labels(["exp_a / sema"]) == {"exp_a / sema": "exp_a / sema"}  # one group: nothing to drop
+    assert short_labels(["abc", "abd"]) == {"abc": "abc", "abd": "abd"}  # prefixes end at an underscore only
