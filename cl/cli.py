@@ -1,15 +1,18 @@
 """The ``clsim`` command line: ``run``, ``sweep``, ``tune``, ``list``, ``report``.
 
 Errors in configs, names, data, weights and run folders, and numeric faults, print one line
-``clsim: error: <key or file>: <reason>`` and exit with code 2 (command-line syntax errors too); an interrupted
-run exits with 130.
+``clsim: error: <key or file>: <reason>`` and exit with code 2 (command-line syntax errors too); a run interrupted
+with Ctrl-C exits with 130, one stopped with SIGTERM (``kill``, a SLURM preemption or time limit) with 143 -- both
+release the run folder's lock and keep its last task boundary, so ``--resume`` continues.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -161,7 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread and handled like Ctrl-C: locks are released by the same ``finally`` paths."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the command and return its exit code (0, 2 for bad input, 130 on Ctrl-C, 143 on SIGTERM)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -174,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"clsim: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("clsim: interrupted (the run folder keeps its last task boundary; continue with --resume)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"clsim: {what} (the run folder keeps its last task boundary; continue with --resume)", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
 
 
 if __name__ == "__main__":

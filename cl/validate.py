@@ -49,11 +49,19 @@ _RULES: list[tuple[re.Pattern[str], Range]] = [
 ]
 
 
+def _num(v: float | None) -> str:
+    """A bound as written: integers in full (``4294967295``, not ``4.29497e+09``), other values short; no lower
+    bound is ``-inf``."""
+    if v is None:
+        return "-inf"
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def _describe(r: Range) -> str:
     low, high, li, hi = r
     if high is None:
-        return f"{'>=' if li else '>'} {low:g}"
-    return f"in {'[' if li else '('}{low:g}, {high:g}{']' if hi else ')'}"
+        return f"{'>=' if li else '>'} {_num(low)}"
+    return f"in {'[' if li else '('}{_num(low)}, {_num(high)}{']' if hi else ')'}"
 
 
 def _rule(name: str, metadata: Any) -> Range | None:

@@ -13,6 +13,7 @@ With ``stream.download: true`` (needs internet) torchvision downloads them into 
 from __future__ import annotations
 
 import gzip
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -21,6 +22,8 @@ import numpy as np
 
 from cl.types import Stream
 from streams.base import ArraySource, MissingDatasetError, StreamConfig, assemble_stream, register_stream
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FashionMnistConfig",
@@ -103,12 +106,16 @@ def _file(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _root_dirs(root: str | Path | None) -> list[Path]:
+    """The folders under a user-given ``stream.root`` that may hold the files."""
+    if not root:
+        return []
+    r = Path(root).expanduser()
+    return [r, r / "usr/share/datasets/fashion-mnist", r / "FashionMNIST/raw"]
+
+
 def _candidate_dirs(root: str | Path | None) -> list[Path]:
-    dirs = []
-    if root:
-        r = Path(root).expanduser()
-        dirs += [r, r / "usr/share/datasets/fashion-mnist", r / "FashionMNIST/raw"]
-    return dirs + list(SYSTEM_DIRS)
+    return _root_dirs(root) + list(SYSTEM_DIRS)
 
 
 def find_fashion_mnist(root: str | Path | None = None) -> tuple[Path | None, list[Path]]:
@@ -140,6 +147,10 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = False) -
             f"{', '.join(str(p) for p in tried)}; run `apt-get install dataset-fashion-mnist` (root) or "
             f"`bash scripts/get_fashion_mnist.sh`, or set stream.download=true with internet"
         )
+    if root and folder not in _root_dirs(root):
+        log.warning("fashion_mnist: stream.root=%s holds no Fashion-MNIST files; using %s", root, folder)
+    else:
+        log.info("fashion_mnist: reading %s", folder)
     out = []
     for split in ("train", "test"):
         # find_fashion_mnist checked that all four files exist

@@ -29,6 +29,7 @@ def test_smoke_config_loads_with_typed_sections():
         ("train.epochs=two", "train.epochs must be an integer"),
         ("bogus.key=1", "unknown section 'bogus'"),
         ("stream.increment=0", "stream.increment must be positive"),
+        ("seed=4294967296", "seed must be in [0, 4294967295]"),  # bounds in full, not 4.29497e+09
     ],
 )
 def test_bad_config_fails_with_one_clear_line(override, needle):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import pickle
 from pathlib import Path
 
@@ -264,12 +265,17 @@ def test_fashion_mnist_subset_fields(tmp_path, no_system_fashion):
     assert sum(len(t.train) for t in stream.tasks) == 20 and sum(len(t.test) for t in stream.tasks) == 10
 
 
-def test_fashion_mnist_system_dir_fallback(tmp_path, monkeypatch):
+def test_fashion_mnist_system_dir_fallback(tmp_path, monkeypatch, caplog):
     system = tmp_path / "system"
     _write_fashion(system)
     monkeypatch.setattr(fm, "SYSTEM_DIRS", (tmp_path / "other", system))
-    assert _build("fashion_mnist", root=str(tmp_path / "empty_root")).num_classes == 10
-    assert _build("fashion_mnist", root=None).num_classes == 10
+    with caplog.at_level(logging.INFO, logger="streams.fashion_mnist"):
+        assert _build("fashion_mnist", root=str(tmp_path / "empty_root")).num_classes == 10
+        assert _build("fashion_mnist", root=None).num_classes == 10
+    # a stream.root that holds no files is not a silent fallback: the folder actually read is named
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+    assert "empty_root holds no Fashion-MNIST files" in caplog.records[0].getMessage()
+    assert all(str(system) in r.getMessage() for r in caplog.records)
 
 
 def test_fashion_mnist_missing(tmp_path, monkeypatch):

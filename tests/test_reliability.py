@@ -186,6 +186,35 @@ def test_two_runs_on_one_folder_second_refuses_then_stale_lock_is_taken_over(tmp
     assert not (run_dir / LOCK_NAME).exists()
 
 
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_and_ctrl_c_release_the_lock_and_resume_exactly(sig, code, word, tmp_path, capsys):
+    """A run stopped by SIGTERM (kill, SLURM preemption) or Ctrl-C exits with one line, leaves no lock behind and
+    resumes to the uninterrupted run's numbers (SIGTERM used to exit 143 silently, leaving a stale lock)."""
+    out = tmp_path / "runs"
+    proc = _spawn(out, "metrics@5:stop")  # stops itself after the first task boundary, holding the lock
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the run did not reach its stop point"
+        proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
+        _, status = os.waitpid(proc.pid, 0)
+        stderr = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == code, (status, stderr[-2000:])
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(f"clsim: {word} ")
+    run_dir = next(out.glob("*/0"))
+    assert not (run_dir / LOCK_NAME).exists()
+    assert main(["run", str(SMOKE), *_sets(out), "--resume"]) == 0
+    assert not [r for r in _records(run_dir) if r["event"] == "lock_taken_over"]
+    assert main(["run", str(SMOKE), *_sets(tmp_path / "whole")]) == 0
+    capsys.readouterr()
+    resumed = json.loads((run_dir / "result.json").read_text())
+    whole = json.loads(next((tmp_path / "whole").glob("*/0/result.json")).read_text())
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["metrics"] == whole["metrics"]
+
+
 def test_lock_in_process_refuses_a_second_holder(tmp_path):
     with RunLock(tmp_path / "r"):
         with pytest.raises(RunFolderError, match="locked by a running clsim run"):
